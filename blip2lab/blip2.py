@@ -1,0 +1,191 @@
+"""BLIP-2, top level: frozen image encoder -> ln_vision -> Q-Former -> heads.
+
+Reads like Figure 2 of the paper. Stage 1 (representation learning, Sec. 3.2) trains the
+Q-Former, `ln_vision`, the projections, the ITM head and the temperature with three
+losses; which of them run is the caller's choice (the loss ablations need ITC only,
+ITC + ITM, ITC + ITM + ITG).
+
+Shape legend: B batch, W world size, Q queries, N image tokens, T text length,
+D_v image width, D_q Q-Former width, E ITC width (256), V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import dist, losses as L
+from .config import Blip2Config
+from .generation import DecodingConfig, generate, kv_reorder
+from .qformer import QFormer, attention_mask
+from .vision import ImageEncoder, build_image_encoder
+
+
+@dataclass
+class ImageFeatures:
+    hidden: Tensor  # (B, Q, D_q) query outputs
+    proj: Tensor  # (B, Q, E) L2-normalised, the ITC space
+    query_kv: Optional[list] = None  # the queries' self-attention keys/values per layer (for ITG)
+
+
+@dataclass
+class TextFeatures:
+    hidden: Tensor  # (B, T, D_q)
+    proj: Tensor  # (B, E) L2-normalised [CLS] projection
+
+
+class Blip2(nn.Module):
+    def __init__(self, config: Blip2Config, image_encoder: Optional[ImageEncoder] = None):
+        super().__init__()
+        self.config = config
+        q = config.qformer
+        self.image_encoder = (image_encoder or build_image_encoder(config.vision)).freeze()
+        self.ln_vision = nn.LayerNorm(config.vision.width, eps=config.vision.ln_vision_eps)
+        self.qformer = QFormer(q, config.vision.width)
+        self.vision_proj = nn.Linear(q.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(q.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(q.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(config.temp_init))
+        for head in (self.vision_proj, self.text_proj, self.itm_head):  # BERT-style init, as LAVIS
+            nn.init.normal_(head.weight, std=q.init_std)
+            nn.init.zeros_(head.bias)
+
+    # -- the boxes of Figure 2 -----------------------------------------------------------
+
+    def encode_image(self, pixels: Optional[Tensor] = None, image_embeds: Optional[Tensor] = None) -> Tensor:
+        """Frozen tower (or its cached output `image_embeds`) -> trainable ln_vision: (B, N, D_v)."""
+        if (pixels is None) == (image_embeds is None):
+            raise ValueError("pass exactly one of `pixels` (B, 3, H, W) or cached `image_embeds` (B, N, D_v)")
+        if pixels is not None:
+            image_embeds = self.image_encoder(pixels)  # (B, N, D_v), no gradient
+        else:
+            self._check_image_embeds(image_embeds)
+        return self.ln_vision(image_embeds)
+
+    def _check_image_embeds(self, x: Tensor) -> None:
+        D_v = self.config.vision.width
+        if x.ndim != 3 or x.shape[-1] != D_v:
+            raise ValueError(f"image_embeds must be (B, N, {D_v}) (vision.width), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: image_embeds has 0 examples")
+
+    def image_features(self, image: Tensor, use_cache: bool = False) -> ImageFeatures:
+        """image: (B, N, D_v) after ln_vision -> query outputs and their ITC projection."""
+        out = self.qformer.encode_queries(image, use_cache=use_cache)
+        return ImageFeatures(out.hidden, F.normalize(self.vision_proj(out.hidden), dim=-1), out.past_kv)
+
+    def text_features(self, text_ids: Tensor, text_mask: Tensor) -> TextFeatures:
+        """Unimodal text pass -> hidden states and the projected [CLS] feature."""
+        hidden = self.qformer.encode_text(text_ids, text_mask)  # (B, T, D_q)
+        return TextFeatures(hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1))
+
+    def multimodal_features(self, image: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """The ITM-style joint pass: query outputs that have seen the text, (B, Q, D_q)."""
+        return self.qformer.encode_joint(image, text_ids, text_mask, "itm").hidden[:, : self.config.qformer.num_queries]
+
+    def itm_logits(self, image: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """ITM head over each query output, mean over queries: (B, 2), index 1 = match."""
+        return self.itm_head(self.multimodal_features(image, text_ids, text_mask)).mean(dim=1)
+
+    @staticmethod
+    def itc_cosine(image_proj: Tensor, text_proj: Tensor) -> Tensor:
+        """Cosine similarity of every image with every text, max over queries: (B_i, B_t).
+        A cosine in [-1, 1], not a probability (no temperature, no softmax)."""
+        return torch.einsum("iqe,te->itq", image_proj, text_proj).amax(dim=-1)
+
+    # -- stage 1 -------------------------------------------------------------------------
+
+    def forward(
+        self,
+        text_ids: Tensor,  # (B, T), [CLS] first
+        text_mask: Tensor,  # (B, T), 1 = real token
+        pixels: Optional[Tensor] = None,  # (B, 3, H, W), or ...
+        image_embeds: Optional[Tensor] = None,  # (B, N, D_v) cached frozen-encoder output
+        losses: Sequence[str] = ("itc", "itm", "itg"),
+        label_smoothing: float = 0.1,
+        image_ids: Optional[Tensor] = None,  # (B,) examples of the same image are never ITM negatives
+        generator: Optional[torch.Generator] = None,  # for the ITM negative draws
+    ) -> dict[str, Tensor]:
+        """Stage-1 losses, a dict of named `*_loss` tensors (and the temperature, for logs)."""
+        self._check_text(text_ids, text_mask)
+        with torch.no_grad():
+            self.temp.clamp_(self.config.temp_min, self.config.temp_max)
+        image = self.encode_image(pixels, image_embeds)  # (B, N, D_v)
+        img = self.image_features(image, use_cache="itg" in losses)  # (B, Q, E) + query KV
+        txt = self.text_features(text_ids, text_mask)  # (B, E)
+        rank = dist.rank()
+        sim_i2t, sim_t2i = L.itc_similarity(img.proj, txt.proj, dist.all_gather_no_grad(img.proj),
+                                            dist.all_gather_no_grad(txt.proj), self.temp)  # (B, W*B) each
+        out: dict[str, Tensor] = {"temp": self.temp.detach()}
+        if "itc" in losses:
+            out |= L.itc_loss(sim_i2t, sim_t2i, rank, label_smoothing)
+        if "itm" in losses:
+            out |= self._itm(image, text_ids, text_mask, sim_i2t, sim_t2i, image_ids, generator)
+        if "itg" in losses:
+            out |= self._itg(text_ids, text_mask, img.query_kv, label_smoothing)
+        return out
+
+    def _itm(self, image: Tensor, text_ids: Tensor, text_mask: Tensor, sim_i2t: Tensor, sim_t2i: Tensor,
+             image_ids: Optional[Tensor], generator: Optional[torch.Generator]) -> dict[str, Tensor]:
+        """Batch of positives + hard negatives both ways -> ITM loss (Sec. 3.2)."""
+        image_all = dist.all_gather_with_grad(image)  # (W*B, N, D_v), gradient flows back to every rank
+        ids_all, mask_all = dist.all_gather_no_grad(text_ids), dist.all_gather_no_grad(text_mask)  # (W*B, T)
+        ids_of_image_all = None if image_ids is None else dist.all_gather_no_grad(image_ids)
+        positive = L.positive_pairs(text_ids, ids_all, dist.rank(), image_ids, ids_of_image_all)  # (B, W*B)
+        neg_img, neg_txt, ok_t, ok_i = L.sample_hard_negatives(sim_i2t, sim_t2i, positive, generator)
+        # (text, image) pairs: (pos, pos) | (pos text, hard neg image) | (hard neg text, pos image)
+        pair_ids = torch.cat([text_ids, text_ids[ok_t], ids_all[neg_txt][ok_i]])  # (M, T)
+        pair_mask = torch.cat([text_mask, text_mask[ok_t], mask_all[neg_txt][ok_i]])  # (M, T)
+        pair_images = torch.cat([image, image_all[neg_img][ok_t], image[ok_i]])  # (M, N, D_v)
+        labels = torch.zeros(pair_ids.shape[0], dtype=torch.long, device=text_ids.device)
+        labels[: text_ids.shape[0]] = 1
+        return L.itm_loss(self.itm_logits(pair_images, pair_ids, pair_mask), labels)
+
+    def _itg(self, text_ids: Tensor, text_mask: Tensor, query_kv: list, label_smoothing: float) -> dict[str, Tensor]:
+        """[DEC] replaces [CLS]; text decodes over the queries' cached keys/values."""
+        dec_ids = text_ids.clone()
+        dec_ids[:, 0] = self.config.qformer.dec_token_id
+        labels = dec_ids.masked_fill(text_mask == 0, -100)  # (B, T), padding ignored
+        logits = self.qformer.decode_text(dec_ids, text_mask, query_kv)  # (B, T, V)
+        return L.itg_loss(logits, labels, label_smoothing)
+
+    def _check_text(self, text_ids: Tensor, text_mask: Tensor) -> None:
+        if text_ids.ndim != 2 or text_ids.shape != text_mask.shape:
+            raise ValueError(f"text_ids and text_mask must both be (B, T); got {tuple(text_ids.shape)} "
+                             f"and {tuple(text_mask.shape)}")
+        if text_ids.shape[0] == 0:
+            raise ValueError("empty batch: text_ids has 0 examples")
+
+    # -- Q-Former-only captioning (the ITG decoder, no LLM) -------------------------------
+
+    @torch.no_grad()
+    def generate_captions(self, image: Tensor, decoding: Optional[DecodingConfig] = None) -> Tensor:
+        """Captions from the Q-Former's own decoder: start at [DEC], stop at [SEP].
+        image: (B, N, D_v) after ln_vision. Returns new token ids (B, L), EOS-then-pad.
+        Default decoding is LAVIS's: 3 beams, max length 30 and min length 10, which in
+        LAVIS count the [DEC] token, hence 29 and 9 new tokens."""
+        q = self.config.qformer
+        decoding = decoding or DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=29, min_new_tokens=9)
+        queries = self.qformer.encode_queries(image, use_cache=True)
+        start = torch.full((image.shape[0], 1), q.dec_token_id, dtype=torch.long, device=image.device)
+        return generate(self._caption_step, start, (queries.past_kv, 0), decoding,
+                        eos_token_id=q.sep_token_id, pad_token_id=q.pad_token_id, reorder=kv_reorder)
+
+    def _caption_step(self, new_ids: Tensor, state: tuple) -> tuple[Tensor, tuple]:
+        """One decoding step: new text tokens over the cached queries + earlier text."""
+        past_kv, n_text = state
+        B, t = new_ids.shape
+        mask = None  # one new token may see every cached row
+        if t > 1:  # a multi-token prompt: queries + causal text
+            Q = self.config.qformer.num_queries
+            mask = attention_mask("itg", Q, torch.ones_like(new_ids))[:, Q:, :]
+            if n_text:
+                raise ValueError("multi-token steps are only supported before any text is cached")
+        out = self.qformer(text_ids=new_ids, mask=mask, with_queries=False, past_kv=past_kv,
+                           position_offset=n_text, use_cache=True)
+        logits = self.qformer.lm_head(out.hidden[:, -1])  # (B, V)
+        return logits, (out.past_kv, n_text + t)

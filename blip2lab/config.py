@@ -1,0 +1,406 @@
+"""Typed, nested configuration for every part of BLIP-2.
+
+One dataclass per component (vision, Q-Former, LLM), one for the whole model and one
+for training. Derived values are properties, never frozen defaults; every config
+validates itself in ``__post_init__`` with errors that name the field.
+
+Overrides use one syntax for any nested field, ``--train.lr=3e-4``, parsed against the
+field's declared type; unknown keys are rejected with a message naming the key. Configs
+round-trip through JSON (``to_dict`` / ``from_dict``), which is how a checkpoint's
+``config.json`` is written and read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+__all__ = [
+    "ConfigError",
+    "VisionConfig",
+    "QFormerConfig",
+    "LLMConfig",
+    "Blip2Config",
+    "TrainConfig",
+    "RunConfig",
+    "to_dict",
+    "from_dict",
+    "apply_overrides",
+    "save_json",
+    "load_json",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the normalisation EVA-CLIP and BLIP-2 use
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LOSS_NAMES = ("itc", "itm", "itg")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder (paper Sec. 3.1: EVA-CLIP ViT-g without its last block)."""
+
+    # "open_clip": any open_clip vision tower (custom sizes below, or `model_name`);
+    # "hf_blip2": transformers' Blip2VisionModel, the layout of the official checkpoints.
+    backend: Literal["open_clip", "hf_blip2"] = "open_clip"
+    # An open_clip architecture name (e.g. "ViT-B-16"); None builds the ViT described below.
+    model_name: Optional[str] = None
+    image_size: int = 224  # the paper pre-trains at 224 px
+    patch_size: int = 14  # EVA ViT-g: 14 -> 16x16 patches + [CLS] = 257 tokens
+    width: int = 1408  # D_v; 1408 for EVA ViT-g, 1024 for CLIP ViT-L
+    layers: int = 39  # blocks the tower is built with
+    heads: int = 16
+    mlp_dim: Optional[int] = None  # FFN width; None -> 4 * width (EVA ViT-g uses 6144)
+    # Which block's output feeds the Q-Former. The paper removes the last layer of the ViT
+    # and uses the second-to-last layer's output (Sec. 3.1), hence -2 for a full tower.
+    # The official HF checkpoints already dropped that block (39 of 40): use -1 there.
+    layer_index: int = -2
+    layer_norm_eps: float = 1e-6  # the tower's own LayerNorms (EVA / HF: 1e-6)
+    # eps of the trainable `ln_vision` after the frozen tower. LAVIS uses 1e-5; HF's
+    # `post_layernorm` (the same weights) uses the vision config's 1e-6: a parity trap, so
+    # loaders set it to whatever the source checkpoint was trained with.
+    ln_vision_eps: float = 1e-5
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("open_clip", "hf_blip2"),
+               f"vision.backend must be 'open_clip' or 'hf_blip2', got {self.backend!r}")
+        for name in ("image_size", "patch_size", "width", "layers", "heads"):
+            _check(getattr(self, name) > 0, f"vision.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.image_size % self.patch_size == 0,
+               f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size ({self.patch_size})")
+        _check(self.width % self.heads == 0,
+               f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
+        _check(-self.layers <= self.layer_index < self.layers,
+               f"vision.layer_index ({self.layer_index}) is outside a tower of {self.layers} layers")
+        _check(len(self.mean) == 3 and len(self.std) == 3, "vision.mean and vision.std need 3 values")
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.mlp_dim if self.mlp_dim is not None else 4 * self.width
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """N: patch tokens plus [CLS] (257 at 224 px / 14)."""
+        return self.grid_size**2 + 1
+
+    @property
+    def used_layers(self) -> int:
+        """How many blocks actually run: the ones after `layer_index` are never computed."""
+        return self.layer_index % self.layers + 1
+
+
+@dataclass
+class QFormerConfig:
+    """The Querying Transformer (paper Sec. 3.1): BERT-base shaped by default."""
+
+    hidden_size: int = 768  # D_q
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: Optional[int] = None  # FFN width; None -> 4 * hidden_size (3072)
+    num_queries: int = 32  # Q, the learned query embeddings
+    cross_attention_freq: int = 2  # cross-attention on layers 0, 2, 4, ... (LAVIS default)
+    vocab_size: int = 30523  # bert-base-uncased (30522) + the added [DEC] token
+    max_position_embeddings: int = 512
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12  # BERT's
+    init_std: float = 0.02  # normal init of queries and fresh (cross-attention) weights
+    max_text_len: int = 32  # the paper's text length for stage 1
+    # Special token ids of bert-base-uncased: [PAD] 0, [CLS] 101, [SEP] 102 (EOS), [DEC] 30522 (BOS for ITG).
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    dec_token_id: int = 30522
+    # A BERT-like checkpoint in transformers format on disk to copy self-attention, FFNs and
+    # embeddings from (the paper starts from bert-base-uncased). None: random init.
+    init_from: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_queries", "cross_attention_freq",
+                     "vocab_size", "max_position_embeddings", "max_text_len"):
+            _check(getattr(self, name) > 0, f"qformer.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"qformer.hidden_size ({self.hidden_size}) must be divisible by qformer.num_heads ({self.num_heads})")
+        _check(0.0 <= self.hidden_dropout < 1.0, f"qformer.hidden_dropout must be in [0, 1), got {self.hidden_dropout}")
+        _check(0.0 <= self.attention_dropout < 1.0,
+               f"qformer.attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        _check(self.max_text_len <= self.max_position_embeddings,
+               f"qformer.max_text_len ({self.max_text_len}) exceeds qformer.max_position_embeddings "
+               f"({self.max_position_embeddings})")
+        for name in ("pad_token_id", "cls_token_id", "sep_token_id", "dec_token_id"):
+            value = getattr(self, name)
+            _check(0 <= value < self.vocab_size,
+                   f"qformer.{name} ({value}) must be a valid id below qformer.vocab_size ({self.vocab_size})")
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size if self.intermediate_size is not None else 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def has_cross_attention(self, layer: int) -> bool:
+        return layer % self.cross_attention_freq == 0
+
+    @property
+    def cross_attention_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.has_cross_attention(i)]
+
+
+@dataclass
+class LLMConfig:
+    """The frozen LLM of stage 2 (paper Sec. 3.3). `kind="none"` is a stage-1-only model."""
+
+    kind: Literal["none", "decoder", "encoder_decoder"] = "none"
+    name_or_path: Optional[str] = None  # a transformers model folder (or hub id where a hub is reachable)
+    hidden_size: Optional[int] = None  # D_lm; read from the LLM when it is loaded
+    prompt: str = "a photo of"  # the captioning prompt of the paper
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("none", "decoder", "encoder_decoder"),
+               f"llm.kind must be 'none', 'decoder' or 'encoder_decoder', got {self.kind!r}")
+        _check(self.kind == "none" or self.name_or_path is not None,
+               f"llm.name_or_path is required when llm.kind is {self.kind!r}")
+
+
+@dataclass
+class Blip2Config:
+    """The whole model: frozen encoder -> ln_vision -> Q-Former -> heads (-> LLM)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    embed_dim: int = 256  # ITC space of vision_proj / text_proj (paper: 256)
+    temp_init: float = 0.07  # learnable ITC temperature, as CLIP / BLIP
+    # LAVIS never clamps `temp`; BLIP-1 clamped it to [0.001, 0.5]. We clamp, as BLIP-1 did,
+    # so the logits cannot blow up when the temperature is learned.
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.embed_dim > 0, f"embed_dim must be > 0, got {self.embed_dim}")
+        _check(0 < self.temp_min <= self.temp_init <= self.temp_max,
+               f"need 0 < temp_min ({self.temp_min}) <= temp_init ({self.temp_init}) <= temp_max ({self.temp_max})")
+
+
+@dataclass
+class TrainConfig:
+    """One training loop for both stages (paper Sec. 4 recipe; LAVIS defaults noted)."""
+
+    stage: Literal[1, 2] = 1
+    # Stage-1 losses; the paper's Table 6 ablation runs ("itc",), ("itc", "itm"), all three.
+    losses: tuple[str, ...] = LOSS_NAMES
+    label_smoothing: float = 0.1  # ITC and ITG (LAVIS)
+    lr: float = 1e-4  # peak
+    min_lr: float = 1e-5  # cosine floor (stage 2 of the paper: 5e-5)
+    warmup_steps: int = 2000
+    max_steps: int = 250_000
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    weight_decay: float = 0.05  # not applied to biases and norms
+    betas: tuple[float, float] = (0.9, 0.98)  # the paper's; LAVIS defaults to (0.9, 0.999)
+    grad_clip: Optional[float] = 1.0  # None: no clipping
+    seed: int = 0
+    log_every: int = 10
+    out_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        _check(self.stage in (1, 2), f"train.stage must be 1 or 2, got {self.stage!r}")
+        unknown = [name for name in self.losses if name not in LOSS_NAMES]
+        _check(not unknown, f"train.losses has unknown loss(es) {unknown}; known: {list(LOSS_NAMES)}")
+        _check(self.stage == 2 or len(self.losses) > 0, "train.losses must name at least one stage-1 loss")
+        _check(0.0 <= self.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= train.min_lr ({self.min_lr}) <= train.lr ({self.lr})")
+        for name in ("max_steps", "batch_size", "grad_accum_steps"):
+            _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), f"train.betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class RunConfig:
+    """What a training run needs: the model and how to train it (`--model.*`, `--train.*`)."""
+
+    model: Blip2Config = field(default_factory=Blip2Config)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# dict / JSON round trip with type checking
+# ---------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) `value` against the annotation `tp`; errors name `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key} must have {len(args)} values, got {len(value)}")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be a bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
+                          f"known keys of {prefix.rstrip('.') or cls.__name__}: {sorted(names)}")
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build `cls` from a (possibly partial) dict; unknown keys and wrong types are errors."""
+    return _from_dict(cls, data)
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_json(cls: type, path: str | Path) -> Any:
+    return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------------------
+# --a.b=value overrides
+# ---------------------------------------------------------------------------------------
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotation of a dotted field path; raises ConfigError naming an unknown key."""
+    tp: Any = cls
+    walked = []
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"unknown config key '{dotted}': '{'.'.join(walked)}' has no sub-fields")
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            where = ".".join(walked) or "the top level"
+            raise ConfigError(f"unknown config key '{dotted}': no field '{part}' in {where} "
+                              f"(known: {sorted(hints)})")
+        tp = hints[part]
+        walked.append(part)
+    return tp
+
+
+def _parse_text(text: str, tp: Any, key: str) -> Any:
+    """Turn the text of an override into a value of annotation `tp` (then type-checked)."""
+    if text.lower() in ("none", "null"):
+        return None
+    base = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else [tp]
+    target = base[0] if len(base) == 1 else None
+    if target is str or (typing.get_origin(target) is Literal and all(isinstance(a, str) for a in typing.get_args(target))):
+        return text
+    if target is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key} must be a bool (true/false), got {text!r}")
+    if typing.get_origin(target) in (tuple, list) and not text.lstrip().startswith("["):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        item_args = typing.get_args(target)
+        item_tp = item_args[0] if item_args else str
+        return [_parse_text(t, item_tp, key) for t in items]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string; the type check below decides
+
+
+def apply_overrides(cfg: Any, args: list[str]) -> Any:
+    """Return a new config with `--a.b=value` overrides applied, checked and validated."""
+    data = to_dict(cfg)
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like --a.b=value")
+        key, text = arg[2:].split("=", 1)
+        tp = _field_type(type(cfg), key)
+        value = _coerce(_parse_text(text, tp, key), tp, key)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return from_dict(type(cfg), data)

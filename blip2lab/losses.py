@@ -1,0 +1,102 @@
+"""Stage-1 losses of BLIP-2 (paper Sec. 3.2; BLIP2_REFERENCE.md Sec. 2) as pure functions.
+
+Each loss function returns a dict of named `*_loss` tensors; the training loop sums every
+value whose key ends in `_loss` and logs each (open_clip's convention). The helpers that
+build their inputs (similarities, hard negatives) are pure functions too, so each can be
+checked on a case worked out by hand.
+
+Shape legend: B local batch, W world size, Q queries, E embedding width, T text length, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def itc_similarity(image_feats: Tensor, text_feat: Tensor, image_feats_all: Tensor, text_feat_all: Tensor,
+                   temp: Tensor) -> tuple[Tensor, Tensor]:
+    """Query-text similarity: the max over the Q query embeddings of the dot product with
+    the text's [CLS] embedding, divided by the temperature.
+
+    image_feats (B, Q, E) and text_feat (B, E) are this rank's (L2-normalised); the `_all`
+    versions are gathered from every rank (W*B rows). Returns sim_i2t (B, W*B) and
+    sim_t2i (B, W*B)."""
+    # (B, 1, Q, E) @ (W*B, E, 1) -> (B, W*B, Q, 1) -> max over queries -> (B, W*B)
+    sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_feat_all).amax(dim=-1) / temp
+    sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).amax(dim=-1) / temp
+    return sim_i2t, sim_t2i
+
+
+def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, rank: int = 0, label_smoothing: float = 0.1) -> dict[str, Tensor]:
+    """Image-text contrastive loss: cross-entropy both ways, averaged. Row i's positive is
+    column rank * B + i (this rank's block of the gathered batch)."""
+    B = sim_i2t.shape[0]
+    targets = torch.arange(rank * B, rank * B + B, device=sim_i2t.device)  # (B,)
+    loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
+            + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
+    return {"itc_loss": loss}
+
+
+def positive_pairs(text_ids: Tensor, text_ids_all: Tensor, rank: int = 0,
+                   image_ids: Optional[Tensor] = None, image_ids_all: Optional[Tensor] = None) -> Tensor:
+    """Which (local row, gathered column) pairs are positives and so must never be drawn as
+    ITM negatives: the diagonal, any other example with the very same caption (duplicate
+    captions are common: "a man riding a horse"), and any example of the same image
+    (`image_ids`, several captions per image). Returns (B, W*B) bool."""
+    B = text_ids.shape[0]
+    cols = torch.arange(text_ids_all.shape[0], device=text_ids.device)
+    positive = cols[None, :] == (torch.arange(B, device=text_ids.device) + rank * B)[:, None]  # (B, W*B)
+    if text_ids.shape[1] == text_ids_all.shape[1]:
+        positive |= (text_ids[:, None, :] == text_ids_all[None, :, :]).all(dim=-1)  # same caption
+    if image_ids is not None and image_ids_all is not None:
+        positive |= image_ids[:, None] == image_ids_all[None, :]
+    return positive
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, positive: Tensor,
+                          generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ITM hard-negative mining (BLIP2_REFERENCE.md Sec. 2): mask the positives, softmax each
+    row of the (temperature-scaled) similarities, draw one negative per row with
+    torch.multinomial. No gradient.
+
+    Returns neg_image_for_text (B,), neg_text_for_image (B,) as indices into the gathered
+    batch, and valid_text (B,), valid_image (B,): False where a row has no negative at all
+    (batch of one, or every other caption is the same); such rows get no negative pair
+    instead of a mislabelled one."""
+    def draw(sim: Tensor) -> tuple[Tensor, Tensor]:
+        sim = sim.float().masked_fill(positive, float("-inf"))  # (B, W*B)
+        valid = torch.isfinite(sim).any(dim=1)  # (B,)
+        weights = torch.softmax(sim[valid], dim=1)
+        picks = torch.zeros(sim.shape[0], dtype=torch.long, device=sim.device)
+        if valid.any():
+            picks[valid] = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        return picks, valid
+
+    neg_image_for_text, valid_text = draw(sim_t2i)
+    neg_text_for_image, valid_image = draw(sim_i2t)
+    return neg_image_for_text, neg_text_for_image, valid_text, valid_image
+
+
+def itm_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Image-text matching: plain 2-way cross-entropy over (B + negatives) pairs.
+    logits (M, 2) are the itm_head outputs averaged over queries; labels (M,) 1 = match."""
+    return {"itm_loss": F.cross_entropy(logits, labels)}
+
+
+def itg_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> dict[str, Tensor]:
+    """Image-grounded text generation: next-token prediction. logits (B, T, V) at every
+    text position; labels (B, T) are the input ids ([DEC] first) with padding = -100.
+    Position t predicts token t + 1, so [DEC] is never a target."""
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    return {"itg_loss": F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)}
+
+
+def total_loss(losses: dict[str, Tensor]) -> Tensor:
+    """The sum the optimiser sees: every `*_loss` entry, weight 1 as in the paper."""
+    return sum(v for k, v in losses.items() if k.endswith("_loss"))
