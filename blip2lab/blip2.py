@@ -23,6 +23,7 @@ from .config import Blip2Config
 from .generation import DecodingConfig, generate, kv_reorder
 from .qformer import QFormer, attention_mask
 from .vision import ImageEncoder, build_image_encoder
+from .weights import init_qformer_from_bert
 
 
 @dataclass
@@ -39,7 +40,9 @@ class TextFeatures:
 
 
 class Blip2(nn.Module):
-    def __init__(self, config: Blip2Config, image_encoder: Optional[ImageEncoder] = None):
+    def __init__(self, config: Blip2Config, image_encoder: Optional[ImageEncoder] = None, init_from_bert: bool = True):
+        """`init_from_bert=False` skips copying `qformer.init_from` (a checkpoint is about to
+        overwrite every weight anyway)."""
         super().__init__()
         self.config = config
         q = config.qformer
@@ -53,6 +56,8 @@ class Blip2(nn.Module):
         for head in (self.vision_proj, self.text_proj, self.itm_head):  # BERT-style init, as LAVIS
             nn.init.normal_(head.weight, std=q.init_std)
             nn.init.zeros_(head.bias)
+        if q.init_from is not None and init_from_bert:
+            init_qformer_from_bert(self.qformer, q.init_from)
 
     # -- the boxes of Figure 2 -----------------------------------------------------------
 

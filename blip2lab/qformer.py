@@ -73,15 +73,22 @@ def attention_mask(mode: Literal["itc", "itm", "itg"], num_queries: int, text_ma
 
 class Attention(nn.Module):
     """Multi-head attention + output projection + dropout + residual + LayerNorm (BERT's
-    `BertAttention`). Self-attention when `kv_dim == dim`, cross-attention to the image
-    (keys/values from D_v) otherwise."""
+    `BertAttention`). Self-attention, or with `cross=True` cross-attention to the image
+    (keys/values from D_v)."""
 
-    def __init__(self, dim: int, kv_dim: int, num_heads: int, cfg: QFormerConfig):
+    def __init__(self, dim: int, kv_dim: int, num_heads: int, cfg: QFormerConfig, cross: bool = False):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(kv_dim, dim)
-        self.v = nn.Linear(kv_dim, dim)
+        self.num_heads, self.head_dim, self.cross = num_heads, dim // num_heads, cross
+        # Self-attention fuses q, k, v into one matmul (rows [q; k; v]; the key tables in
+        # weights.py stack BERT's / HF's separate matrices). Cross-attention keeps k and v
+        # apart: over the N image tokens a fused (N, 2 D_q) output measured slower on CPU
+        # (benchmarks/qformer.py), the extra allocation costing more than the matmul saves.
+        if cross:
+            self.q = nn.Linear(dim, dim)
+            self.k = nn.Linear(kv_dim, dim)
+            self.v = nn.Linear(kv_dim, dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
@@ -94,14 +101,16 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,  # (B, L, D) the rows that ask
-        source: Optional[Tensor] = None,  # (B, S, D_kv) keys/values for cross-attention; None: x itself
+        source: Optional[Tensor] = None,  # (B, N, D_v) the image, for cross-attention only
         mask: Optional[Tensor] = None,  # bool, broadcastable to (B, L, P + S); True = may attend
         past_kv: Optional[KV] = None,  # cached keys/values of earlier positions, (B, H, P, hd) each
         need_probs: bool = False,
     ) -> tuple[Tensor, KV, Optional[Tensor]]:
-        src = x if source is None else source
-        q = self._heads(self.q(x))  # (B, H, L, hd)
-        k, v = self._heads(self.k(src)), self._heads(self.v(src))  # (B, H, S, hd)
+        if self.cross:
+            q = self._heads(self.q(x))  # (B, H, L, hd)
+            k, v = self._heads(self.k(source)), self._heads(self.v(source))  # (B, H, N, hd) each
+        else:
+            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, L, hd) each
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)  # (B, H, P + S, hd)
             v = torch.cat([past_kv[1], v], dim=2)
@@ -144,7 +153,7 @@ class QFormerLayer(nn.Module):
         super().__init__()
         D = cfg.hidden_size
         self.self_attn = Attention(D, D, cfg.num_heads, cfg)
-        self.cross_attn = Attention(D, vision_width, cfg.num_heads, cfg) if has_cross_attention else None
+        self.cross_attn = Attention(D, vision_width, cfg.num_heads, cfg, cross=True) if has_cross_attention else None
         self.text_ffn = FeedForward(D, cfg.ffn_size, cfg)
         self.query_ffn = FeedForward(D, cfg.ffn_size, cfg)
 
@@ -293,7 +302,10 @@ class QFormer(nn.Module):
     def encode_joint(self, image: Tensor, text_ids: Tensor, text_mask: Tensor, mode: str = "itm",
                      output_attentions: bool = False) -> QFormerOutput:
         """Queries and text in one pass under the `mode` mask: hidden (B, Q + T, D_q)."""
-        mask = attention_mask(mode, self.cfg.num_queries, text_mask)  # (B, L, L)
+        if mode == "itm" and bool(text_mask.all()):
+            mask = None  # nothing to hide: lets attention take its unmasked fast path
+        else:
+            mask = attention_mask(mode, self.cfg.num_queries, text_mask)  # (B, L, L)
         return self(image=image, text_ids=text_ids, mask=mask, output_attentions=output_attentions)
 
     def decode_text(self, text_ids: Tensor, text_mask: Tensor, query_kv: list[KV]) -> Tensor:

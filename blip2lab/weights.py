@@ -96,7 +96,7 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a blip2lab checkpoint folder")
     config = from_dict(Blip2Config, json.loads(config_file.read_text()))
     state = read_safetensors(path / WEIGHTS_NAME)
-    model = Blip2(config)
+    model = Blip2(config, init_from_bert=False)
     load_strict(model, state, source=str(path / WEIGHTS_NAME))
     return model.to(map_location)
 
@@ -106,21 +106,25 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
 # ---------------------------------------------------------------------------------------
 
 
-def _qformer_layer_table(i: int, has_cross: bool, theirs: str, style: str) -> dict[str, str]:
+Keys = str | tuple[str, ...]  # one key of theirs, or several concatenated along dim 0 (fused projections)
+
+
+def _qformer_layer_table(i: int, has_cross: bool, theirs: str, style: str) -> dict[str, Keys]:
     """One Q-Former layer. `style` "hf" (HF BLIP-2: `attention.attention.query`) or "bert"
-    (BERT / LAVIS: `attention.self.query`)."""
+    (BERT / LAVIS: `attention.self.query`). Our fused `qkv` / `kv` projections are their
+    separate query, key, value matrices stacked in that order (self-attention only)."""
     att = "attention.attention" if style == "hf" else "attention.self"
     cross = "crossattention.attention" if style == "hf" else "crossattention.self"
     ours = f"layers.{i}"
     t = f"{theirs}.{i}"
-    table = {}
-    blocks = [("self_attn", att, "attention.output")]
-    if has_cross:
-        blocks.append(("cross_attn", cross, "crossattention.output"))
-    for mine, core, output in blocks:
-        for a, b in (("q", "query"), ("k", "key"), ("v", "value")):
-            for p in ("weight", "bias"):
-                table[f"{ours}.{mine}.{a}.{p}"] = f"{t}.{core}.{b}.{p}"
+    table: dict[str, Keys] = {}
+    for p in ("weight", "bias"):
+        table[f"{ours}.self_attn.qkv.{p}"] = tuple(f"{t}.{att}.{n}.{p}" for n in ("query", "key", "value"))
+        if has_cross:
+            for a, b in (("q", "query"), ("k", "key"), ("v", "value")):
+                table[f"{ours}.cross_attn.{a}.{p}"] = f"{t}.{cross}.{b}.{p}"
+    blocks = [("self_attn", "attention.output")] + ([("cross_attn", "crossattention.output")] if has_cross else [])
+    for mine, output in blocks:
         for p in ("weight", "bias"):
             table[f"{ours}.{mine}.out.{p}"] = f"{t}.{output}.dense.{p}"
             table[f"{ours}.{mine}.norm.{p}"] = f"{t}.{output}.LayerNorm.{p}"
@@ -132,9 +136,9 @@ def _qformer_layer_table(i: int, has_cross: bool, theirs: str, style: str) -> di
     return table
 
 
-def hf_retrieval_table(cfg: QFormerConfig) -> dict[str, str]:
+def hf_retrieval_table(cfg: QFormerConfig) -> dict[str, Keys]:
     """Our `Blip2` keys (below the frozen tower) <- HF `Blip2ForImageTextRetrieval` keys."""
-    table = {
+    table: dict[str, Keys] = {
         "ln_vision.weight": "vision_model.post_layernorm.weight",  # HF's post_layernorm IS ln_vision
         "ln_vision.bias": "vision_model.post_layernorm.bias",
         "qformer.query_tokens": "query_tokens",
@@ -158,28 +162,34 @@ HF_RETRIEVAL_ABSENT = ("temp", "qformer.lm_head.bias", "qformer.lm_head.dense.we
                        "qformer.lm_head.norm.weight", "qformer.lm_head.norm.bias")
 
 
-def remap(state: Mapping[str, Tensor], table: Mapping[str, str], source: str,
+def _keys(theirs: Keys) -> tuple[str, ...]:
+    return (theirs,) if isinstance(theirs, str) else theirs
+
+
+def remap(state: Mapping[str, Tensor], table: Mapping[str, Keys], source: str,
           prefix: str = "", ignore: Iterable[str] = ()) -> dict[str, Tensor]:
-    """Rename `state` (their keys) to ours through `table` (ours -> theirs). Their keys that
-    the table does not use, other than those starting with an `ignore` prefix, are an error
-    naming them; so is a table entry their state lacks."""
-    missing = sorted(theirs for theirs in table.values() if theirs not in state)
+    """Rename `state` (their keys) to ours through `table` (ours -> theirs; several keys of
+    theirs are concatenated along dim 0). Their keys that the table does not use, other
+    than those starting with an `ignore` prefix, are an error naming them; so is a table
+    entry their state lacks."""
+    used = {k for theirs in table.values() for k in _keys(theirs)}
+    missing = sorted(k for k in used if k not in state)
     if missing:
         raise WeightsError(f"{source} lacks keys the model needs: {missing}")
-    used = set(table.values())
     leftover = sorted(k for k in state if k not in used and not any(k.startswith(p) for p in ignore))
     if leftover:
         raise WeightsError(f"{source} has keys no table entry uses: {leftover}")
-    return {prefix + ours: state[theirs] for ours, theirs in table.items()}
+    return {prefix + ours: torch.cat([state[k] for k in _keys(theirs)]) if not isinstance(theirs, str) else state[theirs]
+            for ours, theirs in table.items()}
 
 
-def bert_table(cfg: QFormerConfig, theirs_prefix: str = "") -> dict[str, str]:
+def bert_table(cfg: QFormerConfig, theirs_prefix: str = "") -> dict[str, Keys]:
     """Q-Former keys <- a BERT checkpoint (transformers BertModel / BertForMaskedLM names),
     as LAVIS `init_Qformer` does with bert-base-uncased: self-attention, text FFN and the
     embeddings are copied, the query FFN is copied from the text FFN, cross-attention
     stays fresh (normal(0, 0.02))."""
     p = theirs_prefix
-    table = {
+    table: dict[str, Keys] = {
         "position_embeddings.weight": f"{p}embeddings.position_embeddings.weight",
         "layernorm.weight": f"{p}embeddings.LayerNorm.weight",
         "layernorm.bias": f"{p}embeddings.LayerNorm.bias",
@@ -188,7 +198,8 @@ def bert_table(cfg: QFormerConfig, theirs_prefix: str = "") -> dict[str, str]:
         layer = _qformer_layer_table(i, False, f"{p}encoder.layer", "bert")
         for ours, theirs in layer.items():
             # The query FFN starts as a copy of BERT's FFN (LAVIS `intermediate_query`).
-            table[ours] = theirs.replace("intermediate_query", "intermediate").replace("output_query", "output")
+            table[ours] = tuple(k.replace("intermediate_query", "intermediate").replace("output_query", "output")
+                                for k in _keys(theirs))
     return table
 
 
@@ -233,4 +244,59 @@ def init_qformer_from_bert(qformer: nn.Module, path: str | Path) -> list[str]:
         bias = state.get("cls.predictions.bias")
         if bias is not None:
             own["lm_head.bias"][: bias.shape[0]].copy_(bias)
-    return sorted(k for k in state if k not in set(table.values()) and not k.startswith("embeddings.word_embeddings"))
+    used = {k for theirs in table.values() for k in _keys(theirs)}
+    return sorted(k for k in state if k not in used and not k.startswith("embeddings.word_embeddings"))
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face BLIP-2 retrieval models (Blip2ForImageTextRetrieval)
+# ---------------------------------------------------------------------------------------
+
+
+def config_from_hf(hf_config, **qformer_overrides) -> Blip2Config:
+    """Our Blip2Config for a transformers `Blip2Config`. The special token ids are not in
+    HF's config; bert-base-uncased's are assumed unless `qformer_overrides` says otherwise."""
+    from .vision import vision_config_from_hf
+
+    qc = hf_config.qformer_config
+    qformer = dict(
+        hidden_size=qc.hidden_size, num_layers=qc.num_hidden_layers, num_heads=qc.num_attention_heads,
+        intermediate_size=qc.intermediate_size, num_queries=hf_config.num_query_tokens,
+        cross_attention_freq=qc.cross_attention_frequency, vocab_size=qc.vocab_size,
+        max_position_embeddings=qc.max_position_embeddings, hidden_dropout=qc.hidden_dropout_prob,
+        attention_dropout=qc.attention_probs_dropout_prob, layer_norm_eps=qc.layer_norm_eps,
+        init_std=qc.initializer_range, pad_token_id=qc.pad_token_id if qc.pad_token_id is not None else 0,
+    )
+    if hf_config.vision_config.hidden_size != qc.encoder_hidden_size:
+        raise WeightsError(f"HF config: qformer encoder_hidden_size ({qc.encoder_hidden_size}) != vision "
+                           f"hidden_size ({hf_config.vision_config.hidden_size})")
+    return Blip2Config(vision=vision_config_from_hf(hf_config.vision_config),
+                       qformer=QFormerConfig(**(qformer | qformer_overrides)),
+                       embed_dim=getattr(hf_config, "image_text_hidden_size", 256))
+
+
+def from_hf_retrieval(hf_model, **qformer_overrides):
+    """A blip2lab `Blip2` with the weights of a transformers `Blip2ForImageTextRetrieval`
+    (already built or loaded). Strict: every HF key is used, every model key is set except
+    the parts HF checkpoints do not carry (`temp`, the Q-Former LM head), which keep their
+    initial values."""
+    from transformers import Blip2VisionModel
+
+    from .blip2 import Blip2
+    from .vision import HFBlip2ImageEncoder
+
+    config = config_from_hf(hf_model.config, **qformer_overrides)
+    if not hf_model.config.qformer_config.use_qformer_text_input:
+        raise WeightsError("this HF model has no Q-Former text FFN (use_qformer_text_input=False): "
+                           "it is not a retrieval (ITM/ITC) checkpoint")
+    # A fresh tower of the right shape; its weights come with the rest through the table.
+    encoder = HFBlip2ImageEncoder(Blip2VisionModel(hf_model.config.vision_config), layer_index=-1,
+                                  mean=config.vision.mean, std=config.vision.std)
+    model = Blip2(config, image_encoder=encoder, init_from_bert=False)
+    state = hf_model.state_dict()
+    table = hf_retrieval_table(config.qformer)
+    table |= {f"image_encoder.vision_model.{k}": f"vision_model.{k}"
+              for k in encoder.vision_model.state_dict()}
+    converted = remap(state, table, source=type(hf_model).__name__, ignore=("embeddings.position_ids",))
+    load_strict(model, converted, allowed_missing=HF_RETRIEVAL_ABSENT, source=type(hf_model).__name__)
+    return model
