@@ -22,6 +22,7 @@ from . import dist, losses as L
 from .config import Blip2Config
 from .generation import DecodingConfig, generate, kv_reorder
 from .qformer import QFormer, attention_mask
+from .llm import LanguageModel, load_llm
 from .vision import ImageEncoder, build_image_encoder
 from .weights import init_qformer_from_bert
 
@@ -40,24 +41,39 @@ class TextFeatures:
 
 
 class Blip2(nn.Module):
-    def __init__(self, config: Blip2Config, image_encoder: Optional[ImageEncoder] = None, init_from_bert: bool = True):
-        """`init_from_bert=False` skips copying `qformer.init_from` (a checkpoint is about to
-        overwrite every weight anyway)."""
+    def __init__(self, config: Blip2Config, image_encoder: Optional[ImageEncoder] = None,
+                 language_model: Optional[nn.Module] = None, init_from_bert: bool = True):
+        """`image_encoder` / `language_model`: already built towers to use (e.g. shared with
+        another model) instead of building them from the config; `language_model` is a
+        transformers causal or seq2seq LM. `init_from_bert=False` skips copying
+        `qformer.init_from` (a checkpoint is about to overwrite every weight anyway)."""
         super().__init__()
         self.config = config
         q = config.qformer
         self.image_encoder = (image_encoder or build_image_encoder(config.vision)).freeze()
         self.ln_vision = nn.LayerNorm(config.vision.width, eps=config.vision.ln_vision_eps)
         self.qformer = QFormer(q, config.vision.width)
-        self.vision_proj = nn.Linear(q.hidden_size, config.embed_dim)
-        self.text_proj = nn.Linear(q.hidden_size, config.embed_dim)
-        self.itm_head = nn.Linear(q.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(config.temp_init))
-        for head in (self.vision_proj, self.text_proj, self.itm_head):  # BERT-style init, as LAVIS
-            nn.init.normal_(head.weight, std=q.init_std)
-            nn.init.zeros_(head.bias)
+        if q.text_input:  # the stage-1 heads; stage-2 checkpoints carry none
+            self.vision_proj = nn.Linear(q.hidden_size, config.embed_dim)
+            self.text_proj = nn.Linear(q.hidden_size, config.embed_dim)
+            self.itm_head = nn.Linear(q.hidden_size, 2)
+            self.temp = nn.Parameter(torch.tensor(config.temp_init))
+            for head in (self.vision_proj, self.text_proj, self.itm_head):  # BERT-style init, as LAVIS
+                nn.init.normal_(head.weight, std=q.init_std)
+                nn.init.zeros_(head.bias)
         if q.init_from is not None and init_from_bert:
             init_qformer_from_bert(self.qformer, q.init_from)
+        self.llm: Optional[LanguageModel] = None
+        if language_model is None and config.llm.kind != "none":
+            language_model = load_llm(config.llm)
+        if language_model is not None:
+            self.llm = LanguageModel(language_model, q.hidden_size)
+            if self.llm.kind != config.llm.kind:
+                raise ValueError(f"llm.kind is {config.llm.kind!r} but the language model is {self.llm.kind!r}")
+
+    @property
+    def has_stage1_heads(self) -> bool:
+        return self.config.qformer.text_input
 
     # -- the boxes of Figure 2 -----------------------------------------------------------
 
@@ -106,20 +122,34 @@ class Blip2(nn.Module):
 
     def forward(
         self,
-        text_ids: Tensor,  # (B, T), [CLS] first
-        text_mask: Tensor,  # (B, T), 1 = real token
+        text_ids: Optional[Tensor] = None,  # (B, T) Q-Former text, [CLS] first (stage 1)
+        text_mask: Optional[Tensor] = None,  # (B, T), 1 = real token
         pixels: Optional[Tensor] = None,  # (B, 3, H, W), or ...
         image_embeds: Optional[Tensor] = None,  # (B, N, D_v) cached frozen-encoder output
-        losses: Sequence[str] = ("itc", "itm", "itg"),
+        losses: Sequence[str] = ("itc", "itm", "itg"),  # stage 1; stage 2 is ("lm",)
         label_smoothing: float = 0.1,
         image_ids: Optional[Tensor] = None,  # (B,) examples of the same image are never ITM negatives
         generator: Optional[torch.Generator] = None,  # for the ITM negative draws
+        **llm_batch: Tensor,  # stage 2: llm_ids, llm_mask, llm_labels (+ llm_target_*, question_*)
     ) -> dict[str, Tensor]:
-        """Stage-1 losses, a dict of named `*_loss` tensors (and the temperature, for logs)."""
+        """The losses of one step, a dict of named `*_loss` tensors (and the temperature)."""
+        image = self.encode_image(pixels, image_embeds)  # (B, N, D_v)
+        out: dict[str, Tensor] = {}
+        stage1 = [name for name in losses if name != "lm"]
+        if stage1:
+            out |= self._stage1(image, text_ids, text_mask, stage1, label_smoothing, image_ids, generator)
+        if "lm" in losses:
+            out |= self._stage2(image, **llm_batch)
+        return out
+
+    def _stage1(self, image: Tensor, text_ids: Optional[Tensor], text_mask: Optional[Tensor], losses: Sequence[str],
+                label_smoothing: float, image_ids: Optional[Tensor], generator: Optional[torch.Generator]) -> dict:
+        """ITC, ITM and ITG (Sec. 3.2), those named in `losses`."""
+        if not self.has_stage1_heads:
+            raise ValueError("stage-1 losses need the Q-Former's text side (qformer.text_input=True)")
         self._check_text(text_ids, text_mask)
         with torch.no_grad():
             self.temp.clamp_(self.config.temp_min, self.config.temp_max)
-        image = self.encode_image(pixels, image_embeds)  # (B, N, D_v)
         img = self.image_features(image, use_cache="itg" in losses)  # (B, Q, E) + query KV
         txt = self.text_features(text_ids, text_mask)  # (B, E)
         rank = dist.rank()
@@ -133,6 +163,40 @@ class Blip2(nn.Module):
         if "itg" in losses:
             out |= self._itg(text_ids, text_mask, img.query_kv, label_smoothing)
         return out
+
+    # -- stage 2 -------------------------------------------------------------------------
+
+    def query_outputs(self, image: Tensor, question_ids: Optional[Tensor] = None,
+                      question_mask: Optional[Tensor] = None) -> Tensor:
+        """What the LLM is shown: the Q query outputs (B, Q, D_q). With `qformer_question`,
+        the question joins the queries in the ITM-style joint pass (the paper's VQA
+        fine-tuning) so the queries pick question-relevant features."""
+        if question_ids is None:
+            return self.qformer.encode_queries(image).hidden
+        if not self.config.qformer_question:
+            raise ValueError("question_ids given but qformer_question is off in this model's config")
+        return self.qformer.encode_joint(image, question_ids, question_mask, "itm").hidden[:, : self.config.qformer.num_queries]
+
+    def _stage2(self, image: Tensor, llm_ids: Tensor, llm_mask: Tensor, llm_labels: Tensor,
+                llm_target_ids: Optional[Tensor] = None, llm_target_mask: Optional[Tensor] = None,
+                question_ids: Optional[Tensor] = None, question_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Generative learning (Sec. 3.3): the queries as a soft visual prompt of the frozen LLM."""
+        if self.llm is None:
+            raise ValueError("the lm loss needs a language model (llm.kind is 'none')")
+        visual = self.llm.visual_prompt(self.query_outputs(image, question_ids, question_mask))  # (B, Q, D_lm)
+        return self.llm.loss(visual, llm_ids, llm_mask, llm_labels, llm_target_ids, llm_target_mask)
+
+    @torch.no_grad()
+    def generate_text(self, image: Tensor, llm_ids: Tensor, llm_mask: Tensor, decoding: DecodingConfig,
+                      eos_token_id: int | Sequence[int], pad_token_id: int,
+                      question_ids: Optional[Tensor] = None, question_mask: Optional[Tensor] = None) -> Tensor:
+        """LLM tokens generated after the visual prompt and the text prompt `llm_ids`
+        (left-padded for decoder-only LLMs). image: (B, N, D_v) after ln_vision. Returns
+        the new tokens only (B, L)."""
+        if self.llm is None:
+            raise ValueError("this model has no language model (llm.kind is 'none'); use generate_captions")
+        visual = self.llm.visual_prompt(self.query_outputs(image, question_ids, question_mask))
+        return self.llm.generate(visual, llm_ids, llm_mask, decoding, eos_token_id, pad_token_id)
 
     def _itm(self, image: Tensor, text_ids: Tensor, text_mask: Tensor, sim_i2t: Tensor, sim_t2i: Tensor,
              image_ids: Optional[Tensor], generator: Optional[torch.Generator]) -> dict[str, Tensor]:
@@ -158,7 +222,9 @@ class Blip2(nn.Module):
         logits = self.qformer.decode_text(dec_ids, text_mask, query_kv)  # (B, T, V)
         return L.itg_loss(logits, labels, label_smoothing)
 
-    def _check_text(self, text_ids: Tensor, text_mask: Tensor) -> None:
+    def _check_text(self, text_ids: Optional[Tensor], text_mask: Optional[Tensor]) -> None:
+        if text_ids is None or text_mask is None:
+            raise ValueError("stage-1 losses need text_ids and text_mask (B, T)")
         if text_ids.ndim != 2 or text_ids.shape != text_mask.shape:
             raise ValueError(f"text_ids and text_mask must both be (B, T); got {tuple(text_ids.shape)} "
                              f"and {tuple(text_mask.shape)}")

@@ -37,7 +37,7 @@ __all__ = [
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the normalisation EVA-CLIP and BLIP-2 use
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-LOSS_NAMES = ("itc", "itm", "itg")
+LOSS_NAMES = ("itc", "itm", "itg", "lm")  # stage 1: itc, itm, itg; stage 2: lm
 
 
 class ConfigError(ValueError):
@@ -133,6 +133,10 @@ class QFormerConfig:
     # A BERT-like checkpoint in transformers format on disk to copy self-attention, FFNs and
     # embeddings from (the paper starts from bert-base-uncased). None: random init.
     init_from: Optional[str] = None
+    # The text side (word/position embeddings, text FFNs, LM head). Stage-2 checkpoints of
+    # LAVIS and HF drop it (HF `use_qformer_text_input=False`); stage 1, retrieval and the
+    # question-aware VQA variant need it.
+    text_input: bool = True
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_queries", "cross_attention_freq",
@@ -173,14 +177,17 @@ class LLMConfig:
 
     kind: Literal["none", "decoder", "encoder_decoder"] = "none"
     name_or_path: Optional[str] = None  # a transformers model folder (or hub id where a hub is reachable)
-    hidden_size: Optional[int] = None  # D_lm; read from the LLM when it is loaded
+    # Frozen-LLM precision: "auto" = fp32 on CPU, bf16 (else fp16; T5 never fp16) on GPU.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     prompt: str = "a photo of"  # the captioning prompt of the paper
+    max_text_len: int = 32  # LLM tokens of prompt + text in stage 2
 
     def __post_init__(self) -> None:
         _check(self.kind in ("none", "decoder", "encoder_decoder"),
                f"llm.kind must be 'none', 'decoder' or 'encoder_decoder', got {self.kind!r}")
         _check(self.kind == "none" or self.name_or_path is not None,
                f"llm.name_or_path is required when llm.kind is {self.kind!r}")
+        _check(self.max_text_len > 0, f"llm.max_text_len must be > 0, got {self.max_text_len}")
 
 
 @dataclass
@@ -196,8 +203,14 @@ class Blip2Config:
     # so the logits cannot blow up when the temperature is learned.
     temp_min: float = 0.001
     temp_max: float = 0.5
+    # VQA fine-tuning as the paper describes it: the question also enters the Q-Former (text
+    # tokens in the ITM-style joint pass) so the queries extract question-relevant features.
+    # LAVIS's BLIP-2 code lacks this (InstructBLIP has it); off by default.
+    qformer_question: bool = False
 
     def __post_init__(self) -> None:
+        _check(not self.qformer_question or self.qformer.text_input,
+               "qformer_question needs qformer.text_input=True (the question enters the Q-Former as text)")
         _check(self.embed_dim > 0, f"embed_dim must be > 0, got {self.embed_dim}")
         _check(0 < self.temp_min <= self.temp_init <= self.temp_max,
                f"need 0 < temp_min ({self.temp_min}) <= temp_init ({self.temp_init}) <= temp_max ({self.temp_max})")
@@ -209,7 +222,7 @@ class TrainConfig:
 
     stage: Literal[1, 2] = 1
     # Stage-1 losses; the paper's Table 6 ablation runs ("itc",), ("itc", "itm"), all three.
-    losses: tuple[str, ...] = LOSS_NAMES
+    losses: tuple[str, ...] = ("itc", "itm", "itg")  # stage 2: ("lm",)
     label_smoothing: float = 0.1  # ITC and ITG (LAVIS)
     lr: float = 1e-4  # peak
     min_lr: float = 1e-5  # cosine floor (stage 2 of the paper: 5e-5)
@@ -228,7 +241,7 @@ class TrainConfig:
         _check(self.stage in (1, 2), f"train.stage must be 1 or 2, got {self.stage!r}")
         unknown = [name for name in self.losses if name not in LOSS_NAMES]
         _check(not unknown, f"train.losses has unknown loss(es) {unknown}; known: {list(LOSS_NAMES)}")
-        _check(self.stage == 2 or len(self.losses) > 0, "train.losses must name at least one stage-1 loss")
+        _check(len(self.losses) > 0, "train.losses must name at least one loss")
         _check(0.0 <= self.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= train.min_lr ({self.min_lr}) <= train.lr ({self.lr})")
         for name in ("max_steps", "batch_size", "grad_accum_steps"):

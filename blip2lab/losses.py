@@ -97,6 +97,17 @@ def itg_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> di
     return {"itg_loss": F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)}
 
 
+def lm_loss(logits: Tensor, labels: Tensor, shift: bool = True) -> dict[str, Tensor]:
+    """Stage-2 language-modelling loss: plain cross-entropy (no smoothing, as LAVIS / HF)
+    over the positions whose label is not -100. `shift`: position t predicts token t + 1
+    (decoder-only); an encoder-decoder's logits are already aligned with its targets.
+    logits (B, L, V), labels (B, L)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return {"lm_loss": F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                       ignore_index=-100)}
+
+
 def total_loss(losses: dict[str, Tensor]) -> Tensor:
     """The sum the optimiser sees: every `*_loss` entry, weight 1 as in the paper."""
     return sum(v for k, v in losses.items() if k.endswith("_loss"))

@@ -154,7 +154,7 @@ class QFormerLayer(nn.Module):
         D = cfg.hidden_size
         self.self_attn = Attention(D, D, cfg.num_heads, cfg)
         self.cross_attn = Attention(D, vision_width, cfg.num_heads, cfg, cross=True) if has_cross_attention else None
-        self.text_ffn = FeedForward(D, cfg.ffn_size, cfg)
+        self.text_ffn = FeedForward(D, cfg.ffn_size, cfg) if cfg.text_input else None
         self.query_ffn = FeedForward(D, cfg.ffn_size, cfg)
 
     def forward(self, x: Tensor, num_queries: int, image: Optional[Tensor], mask: Optional[Tensor],
@@ -209,14 +209,15 @@ class QFormer(nn.Module):
         self.cfg = cfg
         D = cfg.hidden_size
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, D))  # (1, Q, D_q)
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, D, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, D)
+        if cfg.text_input:
+            self.word_embeddings = nn.Embedding(cfg.vocab_size, D, padding_idx=cfg.pad_token_id)
+            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, D)
         self.layernorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)  # over [queries ; text] embeddings
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(
             [QFormerLayer(cfg, vision_width, cfg.has_cross_attention(i)) for i in range(cfg.num_layers)]
         )
-        self.lm_head = LMHead(cfg, self.word_embeddings)
+        self.lm_head = LMHead(cfg, self.word_embeddings) if cfg.text_input else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -231,10 +232,11 @@ class QFormer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.word_embeddings.weight[self.cfg.pad_token_id].zero_()
         nn.init.normal_(self.query_tokens, std=std)
-        nn.init.zeros_(self.lm_head.bias)
+        if self.cfg.text_input:
+            with torch.no_grad():
+                self.word_embeddings.weight[self.cfg.pad_token_id].zero_()
+            nn.init.zeros_(self.lm_head.bias)
 
     def embed(self, text_ids: Optional[Tensor], batch_size: int, with_queries: bool, position_offset: int = 0) -> Tensor:
         """[queries ; word + position embeddings of text] -> LayerNorm -> dropout: (B, L, D_q)."""
@@ -242,6 +244,8 @@ class QFormer(nn.Module):
         if with_queries:
             parts.append(self.query_tokens.expand(batch_size, -1, -1))  # (B, Q, D_q)
         if text_ids is not None:
+            if not self.cfg.text_input:
+                raise ValueError("this Q-Former has no text input (qformer.text_input=False, a stage-2 checkpoint)")
             self._check_ids(text_ids, position_offset)
             positions = torch.arange(position_offset, position_offset + text_ids.shape[1], device=text_ids.device)
             parts.append(self.word_embeddings(text_ids) + self.position_embeddings(positions))  # (B, T, D_q)

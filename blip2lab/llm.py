@@ -1,0 +1,162 @@
+"""The frozen LLM of stage 2 and the projection that feeds it (paper Sec. 3.3, Figure 3).
+
+The Q outputs of the Q-Former go through one fully-connected layer into the LLM's input
+embedding width and are prepended to the text embeddings as a soft visual prompt
+(attention mask ones for them). The LLM stays frozen; the Q-Former path and the
+projection train. Two families (BLIP2_REFERENCE.md Sec. 3):
+
+- decoder-only (any transformers causal LM: OPT, Llama-family, GPT-2): sequence
+  [Q visual][BOS][prompt][text]["\\n"][pad], language-modelling loss on the text only;
+- encoder-decoder (T5 / FlanT5): encoder input [Q visual ; prefix text], decoder target
+  the suffix text (prefix LM).
+
+Shape legend: B batch, Q queries, T text length, S target length, D_q Q-Former width,
+D_lm LLM input width, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .generation import DecodingConfig, generate, kv_reorder
+
+Kind = Literal["decoder", "encoder_decoder"]
+
+
+def llm_kind(model: nn.Module) -> Kind:
+    return "encoder_decoder" if getattr(model.config, "is_encoder_decoder", False) else "decoder"
+
+
+def pick_dtype(requested: str, kind: Kind, device: torch.device | str) -> torch.dtype:
+    """The precision policy for the frozen LLM (BLIP2_REFERENCE.md Sec. 3, 8): fp32 on the
+    CPU; on a GPU bf16 where supported, else fp16, except T5 which overflows in fp16 and so
+    runs bf16 or fp32. An explicit request wins, but fp16 is refused for T5."""
+    device = torch.device(device)
+    if requested != "auto":
+        dtype = getattr(torch, requested)
+        if kind == "encoder_decoder" and dtype == torch.float16:
+            raise ValueError("llm.dtype float16 is refused for T5 / FlanT5: it overflows (use bfloat16 or float32)")
+        return dtype
+    if device.type != "cuda":
+        return torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32 if kind == "encoder_decoder" else torch.float16
+
+
+def load_llm(cfg) -> nn.Module:
+    """The frozen LLM named by an `LLMConfig`: a transformers model folder (or a hub id where a
+    hub is reachable), in the precision `pick_dtype` chooses for the CPU."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForCausalLM if cfg.kind == "decoder" else AutoModelForSeq2SeqLM
+    return auto.from_pretrained(cfg.name_or_path, dtype=pick_dtype(cfg.dtype, cfg.kind, "cpu"))
+
+
+class LanguageModel(nn.Module):
+    """A frozen transformers LLM and the trainable projection into it."""
+
+    def __init__(self, model: nn.Module, qformer_width: int):
+        super().__init__()
+        self.kind: Kind = llm_kind(model)
+        self.model = model
+        # D_lm is the width of the LLM's input embeddings (OPT-350m projects 512 -> 1024
+        # inside; its inputs are 512 wide).
+        self.projection = nn.Linear(qformer_width, self.width)  # HF `language_projection`
+        self.freeze()
+
+    @property
+    def width(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    def freeze(self) -> "LanguageModel":
+        """Explicit and idempotent: no gradients for the LLM, and it stays in eval mode."""
+        self.model.requires_grad_(False)
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "LanguageModel":
+        super().train(mode)
+        self.model.eval()  # frozen: no dropout, whatever the parent asks
+        return self
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(ids)  # (B, T, D_lm)
+
+    def visual_prompt(self, queries: Tensor) -> Tensor:
+        """Q-Former query outputs (B, Q, D_q) -> soft visual prompt (B, Q, D_lm) in the LLM's dtype."""
+        return self.projection(queries).to(self.model.dtype)
+
+    # -- training ------------------------------------------------------------------------
+
+    def loss(self, visual: Tensor, llm_ids: Tensor, llm_mask: Tensor, llm_labels: Tensor,
+             llm_target_ids: Optional[Tensor] = None, llm_target_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Stage-2 generative loss.
+
+        decoder-only: llm_ids (B, T) = [BOS][prompt][text]["\\n"][pad] with llm_labels -100 on
+        BOS, prompt and padding; the visual tokens get label -100 here.
+        encoder-decoder: llm_ids (B, T) the encoder's prefix text, llm_target_ids (B, S) the
+        decoder target and llm_labels (B, S) the target with padding -100."""
+        from .losses import lm_loss
+
+        B, Q = visual.shape[:2]
+        ones = torch.ones(B, Q, dtype=llm_mask.dtype, device=llm_mask.device)
+        embeds = torch.cat([visual, self.embed(llm_ids)], dim=1)  # (B, Q + T, D_lm)
+        mask = torch.cat([ones, llm_mask], dim=1)  # (B, Q + T)
+        if self.kind == "decoder":
+            logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
+            ignore = torch.full((B, Q), -100, dtype=llm_labels.dtype, device=llm_labels.device)
+            return lm_loss(logits, torch.cat([ignore, llm_labels], dim=1), shift=True)
+        if llm_target_ids is None:
+            raise ValueError("an encoder-decoder LLM needs llm_target_ids (the decoder target)")
+        # T5 builds its decoder inputs by shifting the labels right (decoder_start = pad).
+        decoder_ids = self.model._shift_right(llm_target_ids)  # (B, S)
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
+                            decoder_attention_mask=None if llm_target_mask is None else
+                            torch.cat([torch.ones_like(llm_target_mask[:, :1]), llm_target_mask[:, :-1]], 1)).logits
+        return lm_loss(logits, llm_labels, shift=False)  # (B, S, V) already aligned with the targets
+
+    # -- generation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, visual: Tensor, llm_ids: Tensor, llm_mask: Tensor, decoding: DecodingConfig,
+                 eos_token_id: int | Sequence[int], pad_token_id: int) -> Tensor:
+        """New tokens (B, L) after the visual prompt and the (padded) text prompt.
+        Decoder-only prompts must be left-padded (the processor does so)."""
+        B, Q = visual.shape[:2]
+        ones = torch.ones(B, Q, dtype=llm_mask.dtype, device=llm_mask.device)
+        prefix = torch.cat([visual, self.embed(llm_ids)], dim=1)  # (B, Q + T, D_lm)
+        mask = torch.cat([ones, llm_mask], dim=1)  # (B, Q + T)
+        if self.kind == "decoder":
+            start = llm_ids[:, -1:]  # stands for the prompt; the first step feeds `prefix` instead
+            state = {"prefix": prefix, "mask": mask, "cache": None}
+            return generate(self._decoder_step, start, state, decoding, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, reorder=kv_reorder, history_ids=llm_ids)
+        encoder_out = self.model.get_encoder()(inputs_embeds=prefix, attention_mask=mask).last_hidden_state
+        start = torch.full((B, 1), self.model.config.decoder_start_token_id, dtype=torch.long, device=llm_ids.device)
+        state = {"encoder": encoder_out, "encoder_mask": mask, "cache": None}
+        return generate(self._encoder_decoder_step, start, state, decoding, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, reorder=kv_reorder)
+
+    def _decoder_step(self, new_ids: Tensor, state: dict) -> tuple[Tensor, dict]:
+        mask = state["mask"]  # (B, P) over everything cached so far, plus the new tokens below
+        if state["cache"] is None:
+            embeds = state["prefix"]  # the first step: visual prompt + text prompt
+        else:
+            embeds = self.embed(new_ids)  # (B, 1, D_lm)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        # Positions count real tokens only, so left padding does not shift them
+        # (transformers `generate` does the same).
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                         past_key_values=state["cache"], use_cache=True)
+        return out.logits[:, -1].float(), {"prefix": None, "mask": mask, "cache": out.past_key_values}
+
+    def _encoder_decoder_step(self, new_ids: Tensor, state: dict) -> tuple[Tensor, dict]:
+        out = self.model(encoder_outputs=(state["encoder"],), attention_mask=state["encoder_mask"],
+                         decoder_input_ids=new_ids, past_key_values=state["cache"], use_cache=True)
+        return out.logits[:, -1].float(), state | {"cache": out.past_key_values}
