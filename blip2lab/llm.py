@@ -48,6 +48,19 @@ def pick_dtype(requested: str, kind: Kind, device: torch.device | str) -> torch.
     return torch.float32 if kind == "encoder_decoder" else torch.float16
 
 
+def _cache_name(model: nn.Module) -> str:
+    """transformers renamed the KV-cache argument `past_key_values` -> `cache` during 5.x;
+    speak whichever this version's model understands."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def load_llm(cfg) -> nn.Module:
     """The frozen LLM named by an `LLMConfig`: a transformers model folder (or a hub id where a
     hub is reachable), in the precision `pick_dtype` chooses for the CPU."""
@@ -67,6 +80,7 @@ class LanguageModel(nn.Module):
         # D_lm is the width of the LLM's input embeddings (OPT-350m projects 512 -> 1024
         # inside; its inputs are 512 wide).
         self.projection = nn.Linear(qformer_width, self.width)  # HF `language_projection`
+        self._cache_arg = _cache_name(model)
         self.freeze()
 
     @property
@@ -152,11 +166,11 @@ class LanguageModel(nn.Module):
         # Positions count real tokens only, so left padding does not shift them
         # (transformers `generate` does the same).
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                         past_key_values=state["cache"], use_cache=True)
-        return out.logits[:, -1].float(), {"prefix": None, "mask": mask, "cache": out.past_key_values}
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_arg: state["cache"]})
+        return out.logits[:, -1].float(), {"prefix": None, "mask": mask, "cache": _returned_cache(out)}
 
     def _encoder_decoder_step(self, new_ids: Tensor, state: dict) -> tuple[Tensor, dict]:
         out = self.model(encoder_outputs=(state["encoder"],), attention_mask=state["encoder_mask"],
-                         decoder_input_ids=new_ids, past_key_values=state["cache"], use_cache=True)
-        return out.logits[:, -1].float(), state | {"cache": out.past_key_values}
+                         decoder_input_ids=new_ids, use_cache=True, **{self._cache_arg: state["cache"]})
+        return out.logits[:, -1].float(), state | {"cache": _returned_cache(out)}

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import Blip2Config, QFormerConfig, from_dict, to_dict
+from .config import Blip2Config, LLMConfig, QFormerConfig, from_dict, to_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -136,29 +136,39 @@ def _qformer_layer_table(i: int, has_cross: bool, theirs: str, style: str) -> di
     return table
 
 
-def hf_retrieval_table(cfg: QFormerConfig) -> dict[str, Keys]:
-    """Our `Blip2` keys (below the frozen tower) <- HF `Blip2ForImageTextRetrieval` keys."""
+def hf_table(cfg: QFormerConfig, vision_keys: Iterable[str] = (), llm_keys: Iterable[str] = ()) -> dict[str, Keys]:
+    """Our `Blip2` keys <- HF BLIP-2 keys (`Blip2ForImageTextRetrieval` when the Q-Former has
+    its text side, `Blip2ForConditionalGeneration` otherwise). `vision_keys`: the keys of
+    the HF vision tower's state dict (our `image_encoder.vision_model.*`); `llm_keys`: those
+    of the language model (our `llm.model.*`)."""
     table: dict[str, Keys] = {
         "ln_vision.weight": "vision_model.post_layernorm.weight",  # HF's post_layernorm IS ln_vision
         "ln_vision.bias": "vision_model.post_layernorm.bias",
         "qformer.query_tokens": "query_tokens",
-        "qformer.word_embeddings.weight": "embeddings.word_embeddings.weight",
-        "qformer.position_embeddings.weight": "embeddings.position_embeddings.weight",
         "qformer.layernorm.weight": "qformer.layernorm.weight",
         "qformer.layernorm.bias": "qformer.layernorm.bias",
     }
+    table |= {f"image_encoder.vision_model.{k}": f"vision_model.{k}" for k in vision_keys}
     for i in range(cfg.num_layers):
         for ours, theirs in _qformer_layer_table(i, cfg.has_cross_attention(i), "qformer.encoder.layer", "hf").items():
-            table[f"qformer.{ours}"] = theirs
-    for ours, theirs in (("vision_proj", "vision_projection"), ("text_proj", "text_projection"), ("itm_head", "itm_head")):
-        for p in ("weight", "bias"):
-            table[f"{ours}.{p}"] = f"{theirs}.{p}"
+            if cfg.text_input or ".text_ffn." not in ours:
+                table[f"qformer.{ours}"] = theirs
+    if cfg.text_input:
+        table["qformer.word_embeddings.weight"] = "embeddings.word_embeddings.weight"
+        table["qformer.position_embeddings.weight"] = "embeddings.position_embeddings.weight"
+        for ours, theirs in (("vision_proj", "vision_projection"), ("text_proj", "text_projection"),
+                             ("itm_head", "itm_head")):
+            for p in ("weight", "bias"):
+                table[f"{ours}.{p}"] = f"{theirs}.{p}"
+    if llm_keys:
+        table |= {"llm.projection.weight": "language_projection.weight", "llm.projection.bias": "language_projection.bias"}
+        table |= {f"llm.model.{k}": f"language_model.{k}" for k in llm_keys}
     return table
 
 
 # Parts of our model that HF retrieval checkpoints do not carry (BLIP2_REFERENCE.md Sec. 6):
 # the learned temperature and the Q-Former's LM head (its decoder is tied, only the rest).
-HF_RETRIEVAL_ABSENT = ("temp", "qformer.lm_head.bias", "qformer.lm_head.dense.weight", "qformer.lm_head.dense.bias",
+HF_ABSENT = ("temp", "qformer.lm_head.bias", "qformer.lm_head.dense.weight", "qformer.lm_head.dense.bias",
                        "qformer.lm_head.norm.weight", "qformer.lm_head.norm.bias")
 
 
@@ -275,28 +285,41 @@ def config_from_hf(hf_config, **qformer_overrides) -> Blip2Config:
                        embed_dim=getattr(hf_config, "image_text_hidden_size", 256))
 
 
-def from_hf_retrieval(hf_model, **qformer_overrides):
-    """A blip2lab `Blip2` with the weights of a transformers `Blip2ForImageTextRetrieval`
-    (already built or loaded). Strict: every HF key is used, every model key is set except
-    the parts HF checkpoints do not carry (`temp`, the Q-Former LM head), which keep their
-    initial values."""
+def from_hf(hf_model, **qformer_overrides):
+    """A blip2lab `Blip2` with the weights of a transformers BLIP-2 model, already built or
+    loaded: `Blip2ForImageTextRetrieval` (stage-1 heads, no LLM) or
+    `Blip2ForConditionalGeneration` (OPT / T5 / any LLM, no stage-1 heads). Strict: every
+    HF key is used and every model key set, except the parts HF checkpoints never carry
+    (`temp`, the Q-Former LM head), which keep their initial values."""
     from transformers import Blip2VisionModel
 
     from .blip2 import Blip2
     from .vision import HFBlip2ImageEncoder
 
-    config = config_from_hf(hf_model.config, **qformer_overrides)
-    if not hf_model.config.qformer_config.use_qformer_text_input:
-        raise WeightsError("this HF model has no Q-Former text FFN (use_qformer_text_input=False): "
-                           "it is not a retrieval (ITM/ITC) checkpoint")
-    # A fresh tower of the right shape; its weights come with the rest through the table.
+    has_llm = hasattr(hf_model, "language_model")
+    text_input = bool(hf_model.config.qformer_config.use_qformer_text_input) and not has_llm
+    if not has_llm and not text_input:
+        raise WeightsError("this HF model has no Q-Former text FFN (use_qformer_text_input=False) and no "
+                           "language model: it is neither a retrieval nor a generation checkpoint")
+    config = config_from_hf(hf_model.config, text_input=text_input, **qformer_overrides)
+    language_model = None
+    if has_llm:
+        from .llm import llm_kind
+
+        # The frozen LLM module is shared with `hf_model`, not copied: no second copy of the
+        # largest part (the load below then copies each of its tensors onto itself).
+        language_model = hf_model.language_model
+        config.llm = LLMConfig(kind=llm_kind(language_model), name_or_path="(converted from transformers)")
     encoder = HFBlip2ImageEncoder(Blip2VisionModel(hf_model.config.vision_config), layer_index=-1,
                                   mean=config.vision.mean, std=config.vision.std)
-    model = Blip2(config, image_encoder=encoder, init_from_bert=False)
-    state = hf_model.state_dict()
-    table = hf_retrieval_table(config.qformer)
-    table |= {f"image_encoder.vision_model.{k}": f"vision_model.{k}"
-              for k in encoder.vision_model.state_dict()}
-    converted = remap(state, table, source=type(hf_model).__name__, ignore=("embeddings.position_ids",))
-    load_strict(model, converted, allowed_missing=HF_RETRIEVAL_ABSENT, source=type(hf_model).__name__)
-    return model
+    model = Blip2(config, image_encoder=encoder, language_model=language_model, init_from_bert=False)
+    table = hf_table(config.qformer, encoder.vision_model.state_dict().keys(),
+                     model.llm.model.state_dict().keys() if has_llm else ())
+    converted = remap(hf_model.state_dict(), table, source=type(hf_model).__name__,
+                      ignore=("embeddings.position_ids",))
+    absent = HF_ABSENT if text_input else ()
+    load_strict(model, converted, allowed_missing=absent, source=type(hf_model).__name__)
+    return model.eval()
+
+
+from_hf_retrieval = from_hf  # the name the retrieval parity tests and benchmark use
