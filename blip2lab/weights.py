@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -63,31 +63,53 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], allowed_missing:
 # ---------------------------------------------------------------------------------------
 
 
+LLM_CONFIG_DIR = "llm"  # the frozen LLM's transformers config, to rebuild it without its source folder
+
+
 def save_pretrained(model: nn.Module, path: str | Path) -> Path:
-    """Write `config.json` + `model.safetensors` (tied weights stored once)."""
+    """Write `config.json` + `model.safetensors` (+ `llm/config.json` when there is an LLM).
+    Tied weights (an LLM's embeddings and LM head, ...) are stored once; the other names
+    are kept as aliases in the file's metadata. The weights file is written atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, aliases, seen = {}, {}, {}
+    for key, tensor in model.state_dict().items():
+        ident = (tensor.data_ptr(), tensor.shape, tensor.stride()) if tensor.numel() else None
+        if ident is not None and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        state[key] = tensor.detach().contiguous().cpu()
     tmp = path / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "library": "blip2lab"})
-    tmp.replace(path / WEIGHTS_NAME)  # atomic: a crash never leaves half a file under the real name
+    save_file(state, str(tmp), metadata={"format": "pt", "library": "blip2lab", "aliases": json.dumps(aliases)})
+    tmp.replace(path / WEIGHTS_NAME)  # a crash never leaves half a file under the real name
     (path / CONFIG_NAME).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
+    if getattr(model, "llm", None) is not None:
+        model.llm.model.config.save_pretrained(path / LLM_CONFIG_DIR)
     return path
 
 
 def read_safetensors(file: str | Path) -> dict[str, Tensor]:
-    """Read a safetensors file (memory-mapped by safetensors); a damaged file is a clear error."""
+    """Read a safetensors file (memory-mapped by safetensors), with blip2lab's aliases for
+    tied weights restored; a damaged file is a clear error."""
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"no weights file at {file}")
     try:
-        return load_file(str(file))
+        with safe_open(str(file), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"cannot read {file}: it is not a complete safetensors file ({err})") from err
+    for key, target in aliases.items():
+        state[key] = state[target]
+    return state
 
 
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild a model saved by `save_pretrained` (config first, then a strict load)."""
+    """Rebuild a model saved by `save_pretrained`: the config first, the towers built empty
+    from it (the LLM from `llm/config.json`, not from its original source), then a strict load."""
     from .blip2 import Blip2  # the model imports this module; import late to avoid a cycle
 
     path = Path(path)
@@ -96,9 +118,16 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a blip2lab checkpoint folder")
     config = from_dict(Blip2Config, json.loads(config_file.read_text()))
     state = read_safetensors(path / WEIGHTS_NAME)
-    model = Blip2(config, init_from_bert=False)
+    language_model = None
+    if config.llm.kind != "none":
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        llm_config = AutoConfig.from_pretrained(str(path / LLM_CONFIG_DIR))
+        auto = AutoModelForCausalLM if config.llm.kind == "decoder" else AutoModelForSeq2SeqLM
+        language_model = auto.from_config(llm_config)
+    model = Blip2(config, language_model=language_model, init_from_bert=False)
     load_strict(model, state, source=str(path / WEIGHTS_NAME))
-    return model.to(map_location)
+    return model.to(map_location).eval()
 
 
 # ---------------------------------------------------------------------------------------
