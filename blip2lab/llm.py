@@ -16,12 +16,16 @@ D_lm LLM input width, V vocab.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
+
+from .fast_lm import fast_decoder
 from .generation import DecodingConfig, generate, kv_reorder
 
 Kind = Literal["decoder", "encoder_decoder"]
@@ -81,6 +85,8 @@ class LanguageModel(nn.Module):
         # inside; its inputs are 512 wide).
         self.projection = nn.Linear(qformer_width, self.width)  # HF `language_projection`
         self._cache_arg = _cache_name(model)
+        # The lean decode path (fast_lm.py) for OPT / Llama; False forces transformers' forward.
+        self.use_fast_decode = True
         self.freeze()
 
     @property
@@ -142,19 +148,44 @@ class LanguageModel(nn.Module):
         """New tokens (B, L) after the visual prompt and the (padded) text prompt.
         Decoder-only prompts must be left-padded (the processor does so)."""
         B, Q = visual.shape[:2]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        needed = Q + llm_ids.shape[1] + (decoding.max_new_tokens if self.kind == "decoder" else 0)
+        if limit is not None and needed > limit:
+            raise ValueError(f"{Q} visual + {llm_ids.shape[1]} prompt + {decoding.max_new_tokens} new tokens exceed "
+                             f"the LLM's {limit} positions: shorten the question or the history")
         ones = torch.ones(B, Q, dtype=llm_mask.dtype, device=llm_mask.device)
         prefix = torch.cat([visual, self.embed(llm_ids)], dim=1)  # (B, Q + T, D_lm)
         mask = torch.cat([ones, llm_mask], dim=1)  # (B, Q + T)
         if self.kind == "decoder":
             start = llm_ids[:, -1:]  # stands for the prompt; the first step feeds `prefix` instead
-            state = {"prefix": prefix, "mask": mask, "cache": None}
-            return generate(self._decoder_step, start, state, decoding, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id, reorder=kv_reorder, history_ids=llm_ids)
+            fast = fast_decoder(self.model) if self.use_fast_decode else None
+            if fast is not None:
+                state = fast.new_state(B, prefix.shape[1] + decoding.max_new_tokens, prefix.dtype, prefix.device)
+                state["mask"][:, : mask.shape[1]] = mask.bool()
+                state["prefix"] = prefix
+                step, reorder = partial(self._fast_step, fast), fast.reorder
+            else:
+                state = {"prefix": prefix, "mask": mask, "cache": None}
+                step, reorder = self._decoder_step, kv_reorder
+            return generate(step, start, state, decoding, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, reorder=reorder, history_ids=llm_ids)
         encoder_out = self.model.get_encoder()(inputs_embeds=prefix, attention_mask=mask).last_hidden_state
         start = torch.full((B, 1), self.model.config.decoder_start_token_id, dtype=torch.long, device=llm_ids.device)
         state = {"encoder": encoder_out, "encoder_mask": mask, "cache": None}
         return generate(self._encoder_decoder_step, start, state, decoding, eos_token_id=eos_token_id,
                         pad_token_id=pad_token_id, reorder=kv_reorder)
+
+    def _fast_step(self, fast, new_ids: Tensor, state: dict) -> tuple[Tensor, dict]:
+        """One step of the lean decoder (fast_lm.py) over its static cache."""
+        if state["prefix"] is not None:  # the first step: visual prompt + text prompt at once
+            embeds, state["prefix"] = state["prefix"], None
+            real = state["mask"][:, : embeds.shape[1]].long()
+            positions = (real.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding does not shift them
+        else:
+            embeds = self.embed(new_ids)  # (B, 1, D_lm)
+            positions = state["mask"][:, : state["length"]].sum(1, keepdim=True)  # real tokens before it
+            state["mask"][:, state["length"]] = True
+        return fast.forward(embeds, positions, state).float(), state
 
     def _decoder_step(self, new_ids: Tensor, state: dict) -> tuple[Tensor, dict]:
         mask = state["mask"]  # (B, P) over everything cached so far, plus the new tokens below

@@ -1,0 +1,257 @@
+"""The high-level API: `blip2lab.load(name_or_path)` -> a pipeline that captions, answers,
+matches and embeds, taking PIL images, numpy arrays or paths and returning strings and
+named scores. It holds a model and its processor and no model logic of its own: the app,
+the CLI and the notebooks all go through it.
+
+Sources `load` understands, in this order:
+1. a shipped model name (`PRESETS`, the trained models under `models/`);
+2. a blip2lab checkpoint folder (`config.json` + `model.safetensors`, tokenizers beside them);
+3. an official Salesforce checkpoint in Hugging Face layout: a local folder, or a hub id
+   where a hub is reachable (`blip2lab.official`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .blip2 import Blip2
+from .generation import DecodingConfig
+from .processor import Blip2Processor, tokenizer_from_path
+from .weights import CONFIG_NAME, load_pretrained, save_pretrained
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+QFORMER_TOKENIZER_DIR, LLM_TOKENIZER_DIR = "qformer_tokenizer", "llm_tokenizer"
+
+# Shipped, trained models (a name -> a folder under models/). Filled as models are trained
+# and committed; each folder says how it was built.
+PRESETS: dict[str, Path] = {p.name: p for p in sorted(MODELS_DIR.glob("*")) if (p / CONFIG_NAME).is_file()}
+
+# Decoding defaults of the paper / LAVIS (BLIP2_REFERENCE.md Sec. 3); max_new_tokens counts new tokens only.
+CAPTION_DECODING = dict(strategy="beam", num_beams=5, max_new_tokens=30, min_new_tokens=1)
+VQA_DECODING = dict(strategy="beam", num_beams=5, max_new_tokens=10, length_penalty=-1.0)
+QFORMER_CAPTION_DECODING = dict(strategy="beam", num_beams=3, max_new_tokens=29, min_new_tokens=9)
+
+
+def decoding_config(defaults: dict, **overrides: Any) -> DecodingConfig:
+    """Defaults + user overrides (DecodingConfig's field names). `num_beams=1` means greedy,
+    `num_beams>1` beam search, `use_nucleus_sampling=True` sampling with top_p 0.9."""
+    known = {f.name for f in fields(DecodingConfig)}
+    args = dict(defaults)
+    if overrides.pop("use_nucleus_sampling", False):
+        args.update(strategy="sample", top_p=overrides.pop("top_p", 0.9))
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown decoding option(s) {unknown}; known: {sorted(known | {'use_nucleus_sampling'})}")
+    args.update(overrides)
+    if "num_beams" in overrides and "strategy" not in overrides and args["strategy"] != "sample":
+        args["strategy"] = "beam" if args["num_beams"] > 1 else "greedy"
+    return DecodingConfig(**args)
+
+
+class Blip2Pipeline:
+    """A model + its processor. `retrieval`: an optional second model with ITC/ITM heads for
+    `match` / `embed_*` when `model` (a stage-2 checkpoint) has none; it shares the frozen
+    image encoder with `model` instead of holding a second copy."""
+
+    def __init__(self, model: Blip2, processor: Blip2Processor, retrieval: Optional[Blip2] = None,
+                 retrieval_processor: Optional[Blip2Processor] = None, name: str = ""):
+        self.model = model.eval()
+        self.processor = processor
+        self.retrieval = retrieval.eval() if retrieval is not None else None
+        self.retrieval_processor = retrieval_processor or processor
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.ln_vision.weight.device
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        llm = self.model.config.llm.kind
+        return f"Blip2Pipeline({self.name or 'model'}: {n / 1e6:.1f}M parameters, llm={llm}, device={self.device})"
+
+    # -- images -> model space -------------------------------------------------------------
+
+    def _image(self, images: Any, model: Optional[Blip2] = None) -> Tensor:
+        """Anything `load_image` takes (or a list of them) -> ln_vision output (B, N, D_v)."""
+        model = model or self.model
+        batch = images if isinstance(images, (list, tuple)) else [images]
+        pixels = self.processor.images(batch).to(self.device)
+        return model.encode_image(pixels)
+
+    # -- generation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def caption(self, images: Any, prompt: Optional[str] = None, **decoding: Any) -> list[str]:
+        """One caption per image. With an LLM: prompted by `prompt` (default: the model's
+        captioning prompt, "a photo of"), beams 5, up to 30 new tokens. Without one: the
+        Q-Former's own ITG decoder (LAVIS defaults, beams 3)."""
+        image = self._image(images)
+        if self.model.llm is None:
+            ids = self.model.generate_captions(image, decoding_config(QFORMER_CAPTION_DECODING, **decoding))
+            return self.processor.decode_qformer(ids)
+        prompt = self.processor.caption_prompt if prompt is None else prompt
+        return self._generate(image, [prompt] * image.shape[0], decoding_config(CAPTION_DECODING, **decoding))
+
+    @torch.no_grad()
+    def answer(self, images: Any, questions: str | Sequence[str],
+               history: Optional[Sequence[Sequence[tuple[str, str]]]] = None, **decoding: Any) -> list[str]:
+        """Answers, one per (image, question). `history`: per image, earlier (question,
+        answer) turns of a chat, concatenated as the reference does. A single image or
+        question is broadcast over the other."""
+        if self.model.llm is None:
+            raise ValueError(f"{self.name or 'this model'} has no language model: it can caption and match, "
+                             "not answer questions")
+        image = self._image(images)
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        B = max(image.shape[0], len(questions))
+        if image.shape[0] == 1 and B > 1:
+            image = image.expand(B, -1, -1)
+        if len(questions) == 1 and B > 1:
+            questions = questions * B
+        if len(questions) != image.shape[0]:
+            raise ValueError(f"{image.shape[0]} images but {len(questions)} questions")
+        history = history or [[] for _ in range(B)]
+        prompts = [self.processor.chat_prompt(h, q) if h else self.processor.vqa_prompt(q)
+                   for h, q in zip(history, questions)]
+        question_batch = None
+        if self.model.config.qformer_question:
+            question_batch = self.processor.qformer_questions(questions)
+        return self._generate(image, prompts, decoding_config(VQA_DECODING, **decoding), question_batch)
+
+    def _generate(self, image: Tensor, prompts: list[str], decoding: DecodingConfig,
+                  question_batch: Optional[dict] = None) -> list[str]:
+        batch = {k: v.to(self.device) for k, v in self.processor.generation_batch(prompts).items()}
+        q = {} if question_batch is None else {k: v.to(self.device) for k, v in question_batch.items()}
+        tokens = self.model.generate_text(image, batch["llm_ids"], batch["llm_mask"], decoding,
+                                          eos_token_id=self.processor.llm_stop_token_ids,
+                                          pad_token_id=self.processor.llm_pad_token_id, **q)
+        return self.processor.decode_llm(tokens)
+
+    # -- matching and embeddings ---------------------------------------------------------
+
+    def _scorer(self) -> tuple[Blip2, Blip2Processor]:
+        if self.model.has_stage1_heads:
+            return self.model, self.processor
+        if self.retrieval is not None:
+            return self.retrieval, self.retrieval_processor
+        raise ValueError(f"{self.name or 'this model'} has no ITC/ITM heads (a stage-2 checkpoint): load it with "
+                         "retrieval=... (e.g. an itm-vit-g checkpoint) to match and embed")
+
+    @torch.no_grad()
+    def match(self, images: Any, texts: str | Sequence[str]) -> dict[str, Tensor]:
+        """Scores of image i with text i (a single image or text is broadcast):
+        `itm_prob` (ITM head, softmax probability of "match"), `itm_logit` (its raw
+        positive logit) and `itc_cosine` (the ITC cosine, max over queries; not a probability)."""
+        model, proc = self._scorer()
+        image = self._image(images, model)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        B = max(image.shape[0], len(texts))
+        if image.shape[0] == 1 and B > 1:
+            image = image.expand(B, -1, -1)
+        if len(texts) == 1 and B > 1:
+            texts = texts * B
+        if len(texts) != image.shape[0]:
+            raise ValueError(f"{image.shape[0]} images but {len(texts)} texts")
+        t = {k: v.to(self.device) for k, v in proc.qformer_text(texts).items()}
+        logits = model.itm_logits(image, t["text_ids"], t["text_mask"])  # (B, 2)
+        img = model.image_features(image).proj  # (B, Q, E)
+        txt = model.text_features(t["text_ids"], t["text_mask"]).proj  # (B, E)
+        cosine = torch.einsum("bqe,be->bq", img, txt).amax(dim=-1)  # (B,)
+        return {"itm_prob": logits.softmax(-1)[:, 1], "itm_logit": logits[:, 1], "itc_cosine": cosine}
+
+    @torch.no_grad()
+    def embed_images(self, images: Any) -> Tensor:
+        """ITC image embeddings, L2-normalised, one per query: (B, Q, E)."""
+        model, _ = self._scorer()
+        return model.image_features(self._image(images, model)).proj
+
+    @torch.no_grad()
+    def embed_texts(self, texts: str | Sequence[str]) -> Tensor:
+        """ITC text embeddings ([CLS] projection), L2-normalised: (B, E)."""
+        model, proc = self._scorer()
+        t = {k: v.to(self.device) for k, v in proc.qformer_text([texts] if isinstance(texts, str) else texts).items()}
+        return model.text_features(t["text_ids"], t["text_mask"]).proj
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """A blip2lab checkpoint folder that `load` reopens offline: weights, config, tokenizers."""
+        path = save_pretrained(self.model, path)
+        if self.processor.qformer_tokenizer is not None:
+            self.processor.qformer_tokenizer.save_pretrained(path / QFORMER_TOKENIZER_DIR)
+        if self.processor.llm_tokenizer is not None:
+            self.processor.llm_tokenizer.save_pretrained(path / LLM_TOKENIZER_DIR)
+        return path
+
+
+def _is_blip2lab_folder(path: Path) -> bool:
+    if not (path / CONFIG_NAME).is_file():
+        return False
+    config = json.loads((path / CONFIG_NAME).read_text())
+    return "qformer" in config and "vision" in config
+
+
+def _load_blip2lab(path: Path, device: str) -> Blip2Pipeline:
+    model = load_pretrained(path, map_location=device)
+    qtok = tokenizer_from_path(path / QFORMER_TOKENIZER_DIR) if (path / QFORMER_TOKENIZER_DIR).is_dir() else None
+    ltok = tokenizer_from_path(path / LLM_TOKENIZER_DIR) if (path / LLM_TOKENIZER_DIR).is_dir() else None
+    return Blip2Pipeline(model, Blip2Processor.from_config(model.config, qtok, ltok), name=path.name)
+
+
+def _load_official(source: str, device: str, **kwargs: Any) -> Blip2Pipeline:
+    from . import official
+
+    model = official.load_official(source, **kwargs).to(device)
+    qtok, ltok = official.load_official_tokenizers(source)
+    return Blip2Pipeline(model, Blip2Processor.from_config(model.config, qtok, ltok, check=qtok is not None),
+                         name=str(source))
+
+
+def load(name_or_path: str | Path, retrieval: Optional[str | Path] = None, device: str = "cpu",
+         **kwargs: Any) -> Blip2Pipeline:
+    """A ready pipeline for a shipped model name, a blip2lab folder, or an official
+    checkpoint (folder or hub id). `retrieval`: a second source with ITC/ITM heads, used by
+    `match` / `embed_*`; it shares the frozen image encoder with the first when both
+    towers hold the same weights."""
+    pipe = _load_one(name_or_path, device, **kwargs)
+    if retrieval is not None:
+        other = _load_one(retrieval, device, **kwargs)
+        if _same_weights(pipe.model.image_encoder, other.model.image_encoder):
+            other.model.image_encoder = pipe.model.image_encoder  # one copy of the frozen tower
+        pipe.retrieval, pipe.retrieval_processor = other.model, other.processor
+    return pipe
+
+
+def _load_one(name_or_path: str | Path, device: str, **kwargs: Any) -> Blip2Pipeline:
+    source = str(name_or_path)
+    if source in PRESETS:
+        return _load_blip2lab(PRESETS[source], device)
+    path = Path(source).expanduser()
+    if path.is_dir() and _is_blip2lab_folder(path):
+        return _load_blip2lab(path, device)
+    if path.is_dir() or (source.count("/") == 1 and not path.exists() and not source.startswith((".", "/"))):
+        return _load_official(source, device, **kwargs)
+    raise ValueError(f"unknown model {source!r}: not a shipped model ({sorted(PRESETS) or 'none shipped yet'}), "
+                     "not a blip2lab checkpoint folder, and not a Hugging Face folder or hub id "
+                     f"(e.g. one of {_official_ids()})")
+
+
+def _official_ids() -> list[str]:
+    try:
+        from .official import KNOWN_CHECKPOINTS
+
+        return sorted(KNOWN_CHECKPOINTS)[:3] + ["..."]
+    except ImportError:
+        return []
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)

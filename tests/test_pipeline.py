@@ -1,0 +1,155 @@
+"""`blip2lab.load` and the pipeline: captions, answers, chat, match, embeddings, the CLI,
+and the bad input a user will send."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import blip2lab
+from blip2lab.blip2 import Blip2
+from blip2lab.cli import main as cli
+from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from blip2lab.pipeline import Blip2Pipeline, decoding_config
+from blip2lab.processor import Blip2Processor, make_qformer_tokenizer
+from test_processor import bert_tokenizer, opt_tokenizer, t5_tokenizer
+
+
+def _pipeline(kind="decoder", qformer_question=False):
+    from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
+
+    qtok = make_qformer_tokenizer(bert_tokenizer())
+    ltok = opt_tokenizer() if kind == "decoder" else t5_tokenizer()
+    torch.manual_seed(0)
+    if kind == "decoder":
+        lm = OPTForCausalLM(OPTConfig(vocab_size=len(ltok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                      num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=512,
+                                      bos_token_id=ltok.bos_token_id, eos_token_id=ltok.eos_token_id,
+                                      pad_token_id=ltok.pad_token_id))
+    else:
+        lm = T5ForConditionalGeneration(T5Config(vocab_size=len(ltok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                 num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    cfg = Blip2Config(
+        vision=VisionConfig(image_size=32, patch_size=8, width=24, layers=3, heads=4),
+        qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, num_queries=4, vocab_size=len(qtok),
+                              cls_token_id=qtok.cls_token_id, sep_token_id=qtok.sep_token_id,
+                              pad_token_id=qtok.pad_token_id, dec_token_id=qtok.bos_token_id, init_std=0.15),
+        llm=LLMConfig(kind=kind, name_or_path="(built in test)"),
+        embed_dim=16, qformer_question=qformer_question)
+    model = Blip2(cfg, language_model=lm)
+    return Blip2Pipeline(model, Blip2Processor.from_config(cfg, qtok, ltok), name="tiny")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-opt"
+    _pipeline().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_load_round_trip_gives_the_same_answers(saved, image_file):
+    original = _pipeline()
+    pipe = blip2lab.load(saved)
+    assert pipe.caption([image_file], num_beams=1) == original.caption([image_file], num_beams=1)
+    a = pipe.answer(image_file, "what is on the table?", num_beams=1, max_new_tokens=5)
+    assert a == original.answer(image_file, "what is on the table?", num_beams=1, max_new_tokens=5)
+    assert isinstance(a[0], str) and "Question" not in a[0]  # the prompt is never echoed
+
+
+def test_images_as_pil_numpy_and_paths(saved, image_file):
+    pipe = blip2lab.load(saved)
+    arr = np.asarray(Image.open(image_file))
+    out = pipe.caption([Image.open(image_file), arr, str(image_file)], num_beams=1, max_new_tokens=4)
+    assert len(out) == 3 and out[0] == out[1] == out[2]
+
+
+def test_chat_history_and_broadcast(saved, image_file):
+    pipe = blip2lab.load(saved)
+    two = pipe.answer(image_file, ["what is it?", "how many?"], num_beams=1, max_new_tokens=4)
+    assert len(two) == 2
+    chat = pipe.answer([image_file], ["and now?"], history=[[("what is it?", "a dog")]], num_beams=1,
+                       max_new_tokens=4)
+    assert len(chat) == 1
+
+
+def test_match_returns_named_scores(saved, image_file):
+    pipe = blip2lab.load(saved)
+    scores = pipe.match([image_file, image_file], ["a dog", "a cat"])
+    assert set(scores) == {"itm_prob", "itm_logit", "itc_cosine"}
+    assert all(v.shape == (2,) for v in scores.values())
+    assert ((scores["itm_prob"] >= 0) & (scores["itm_prob"] <= 1)).all()
+    assert ((scores["itc_cosine"] >= -1) & (scores["itc_cosine"] <= 1)).all()
+    img, txt = pipe.embed_images([image_file]), pipe.embed_texts(["a dog", "a cat"])
+    assert img.shape == (1, 4, 16) and txt.shape == (2, 16)
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(torch.einsum("qe,e->q", img[0], txt[0]).max(), scores["itc_cosine"][0])
+
+
+def test_t5_pipeline_answers():
+    pipe = _pipeline("encoder_decoder")
+    img = Image.new("RGB", (32, 32), (200, 30, 30))
+    out = pipe.answer(img, "what color is the dog?", num_beams=2, max_new_tokens=4)
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_question_aware_queries_pipeline():
+    pipe = _pipeline(qformer_question=True)
+    img = Image.new("RGB", (32, 32), (200, 30, 30))
+    assert len(pipe.answer(img, "what is on the table?", num_beams=1, max_new_tokens=3)) == 1
+
+
+def test_bad_input(saved, image_file, tmp_path):
+    pipe = blip2lab.load(saved)
+    with pytest.raises(ValueError, match="empty question"):
+        pipe.answer(image_file, "   ")
+    with pytest.warns(UserWarning, match="truncated"):
+        pipe.answer(image_file, "what " * 2000, num_beams=1, max_new_tokens=2)
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    with pytest.raises(ValueError, match="notes.txt"):
+        pipe.caption([text_file])
+    for mode in ("RGBA", "L", "P", "CMYK"):
+        assert len(pipe.caption([Image.new(mode, (20, 30))], num_beams=1, max_new_tokens=2)) == 1
+    with pytest.raises(TypeError, match="num_beam"):
+        pipe.caption([image_file], num_beam=3)
+
+
+def test_prompt_longer_than_the_llm_is_a_clear_error(image_file):
+    pipe = _pipeline()
+    pipe.processor.max_question_chars = 100_000
+    with pytest.raises(ValueError, match="positions"):
+        pipe.answer(image_file, "what " * 3000, num_beams=1, max_new_tokens=2)
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        blip2lab.load("no-such-model")
+
+
+def test_decoding_options():
+    assert decoding_config({"strategy": "beam", "num_beams": 5}, num_beams=1).strategy == "greedy"
+    assert decoding_config({"strategy": "greedy"}, num_beams=4).strategy == "beam"
+    cfg = decoding_config({"strategy": "beam", "num_beams": 5}, use_nucleus_sampling=True)
+    assert cfg.strategy == "sample" and cfg.top_p == 0.9
+
+
+def test_cli(saved, image_file, capsys):
+    assert cli(["caption", str(image_file), "--model", str(saved), "--beams", "1", "--max-new-tokens", "4"]) == 0
+    line = capsys.readouterr().out.rstrip("\n")
+    assert line.startswith(str(image_file) + "\t")
+    assert cli(["vqa", str(image_file), "what is it?", "--model", str(saved), "--beams", "1"]) == 0
+    capsys.readouterr()
+    assert cli(["match", str(image_file), "a dog", "--model", str(saved)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) == {"itm_prob", "itm_logit", "itc_cosine"}
+    assert cli(["caption", str(image_file), "--model", "no-such-model"]) == 2
+    assert "unknown model" in capsys.readouterr().err
