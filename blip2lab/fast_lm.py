@@ -35,7 +35,12 @@ class _FastDecoder:
             "v": torch.zeros(shape, dtype=dtype, device=device),
             "mask": torch.zeros(batch, capacity, dtype=torch.bool, device=device),  # real keys so far
             "length": 0,  # filled positions
+            "padded": True,  # whether any key may be padding (False lets steps skip the mask)
         }
+
+    @staticmethod
+    def _mask(state: dict, end: int) -> Optional[Tensor]:
+        return state["mask"][:, :end] if state["padded"] else None
 
     @staticmethod
     def reorder(state: dict, index: Tensor) -> dict:
@@ -62,6 +67,10 @@ class _FastDecoder:
         if k.shape[1] != H:  # grouped-query attention: share each key/value head
             k = k.repeat_interleave(H // k.shape[1], dim=1)
             v = v.repeat_interleave(H // v.shape[1], dim=1)
+        if T == 1 and mask is None:  # one new row and no padding anywhere: nothing to hide
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if mask is None:
+            mask = torch.ones(B, S, dtype=torch.bool, device=q.device)
         allowed = mask[:, None, None, :]  # (B, 1, 1, S)
         if T > 1:
             rows = torch.arange(causal_from, causal_from + T, device=q.device)[:, None]
@@ -97,7 +106,7 @@ class FastOPT(_FastDecoder):
             q = (att.q_proj(h) * att.scaling).view(B, T, self.heads, -1).transpose(1, 2)  # (B, H, T, hd)
             state["k"][:, i, :, start:end] = att.k_proj(h).view(B, T, self.heads, -1).transpose(1, 2)
             state["v"][:, i, :, start:end] = att.v_proj(h).view(B, T, self.heads, -1).transpose(1, 2)
-            ctx = self.attend(q, state["k"][:, i, :, :end], state["v"][:, i, :, :end], state["mask"][:, :end],
+            ctx = self.attend(q, state["k"][:, i, :, :end], state["v"][:, i, :, :end], self._mask(state, end),
                               1.0, start)  # OPT scales q itself
             h = residual + att.out_proj(ctx.transpose(1, 2).reshape(B, T, -1))
             if not self.pre_norm:
@@ -146,7 +155,7 @@ class FastLlama(_FastDecoder):
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             state["k"][:, i, :, start:end] = k
             state["v"][:, i, :, start:end] = v
-            ctx = self.attend(q, state["k"][:, i, :, :end], state["v"][:, i, :, :end], state["mask"][:, :end],
+            ctx = self.attend(q, state["k"][:, i, :, :end], state["v"][:, i, :, :end], self._mask(state, end),
                               self.scaling, start)
             h = residual + att.o_proj(ctx.transpose(1, 2).reshape(B, T, -1))
             residual = h

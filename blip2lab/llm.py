@@ -162,6 +162,7 @@ class LanguageModel(nn.Module):
             if fast is not None:
                 state = fast.new_state(B, prefix.shape[1] + decoding.max_new_tokens, prefix.dtype, prefix.device)
                 state["mask"][:, : mask.shape[1]] = mask.bool()
+                state["padded"] = not bool(mask.all())
                 state["prefix"] = prefix
                 step, reorder = partial(self._fast_step, fast), fast.reorder
             else:

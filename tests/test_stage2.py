@@ -138,3 +138,18 @@ def test_precision_policy():
     assert pick_dtype("bfloat16", "encoder_decoder", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="T5"):
         pick_dtype("float16", "encoder_decoder", "cuda")
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_lean_decoder_equals_transformers_forward(gen, strategy):
+    """fast_lm's static-cache decode gives the tokens transformers' own forward gives,
+    with left padding and grouped-query attention (Llama)."""
+    model = _model(_llama()).eval()
+    image = model.encode_image(torch.randn(3, 3, 32, 32, generator=gen))
+    prompt = torch.tensor([[0, 0, 1, 9, 10], [1, 11, 12, 13, 14], [0, 1, 20, 21, 22]])
+    kw = dict(decoding=DecodingConfig(strategy=strategy, num_beams=3, max_new_tokens=7), eos_token_id=5,
+              pad_token_id=0)
+    fast = model.generate_text(image, prompt, (prompt != 0).long(), **kw)
+    model.llm.use_fast_decode = False
+    slow = model.generate_text(image, prompt, (prompt != 0).long(), **kw)
+    assert fast.tolist() == slow.tolist()
