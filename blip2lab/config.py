@@ -233,6 +233,10 @@ class TrainConfig:
     weight_decay: float = 0.05  # not applied to biases and norms
     betas: tuple[float, float] = (0.9, 0.98)  # the paper's; LAVIS defaults to (0.9, 0.999)
     grad_clip: Optional[float] = 1.0  # None: no clipping
+    # accelerate's mixed precision: "bf16" on GPUs that have it; "no" (fp32) on the CPU.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    max_bad_steps: int = 10  # steps skipped for a non-finite loss/gradient before the run stops
     seed: int = 0
     log_every: int = 10
     out_dir: str = "runs/default"
@@ -247,6 +251,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum_steps"):
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.save_every >= 0 and self.max_bad_steps >= 0, "train.save_every and train.max_bad_steps must be >= 0")
         _check(all(0.0 <= b < 1.0 for b in self.betas), f"train.betas must be in [0, 1), got {self.betas}")
 
 

@@ -1,0 +1,138 @@
+"""The training loop: deterministic batches, exact resume, the NaN guard, logs, and
+two processes (DDP over gloo) against one on the same global batch."""
+
+import csv
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from blip2lab.blip2 import Blip2
+from blip2lab.config import TrainConfig
+from blip2lab.train import BatchStream, lr_at, train
+from conftest import random_text, tiny_config
+
+
+class Toy(torch.utils.data.Dataset):
+    """16 fixed (image, caption) examples without padding."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(16, 3, 32, 32, generator=g)
+        self.ids, self.mask = random_text(16, 6, g)
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return {"pixels": self.pixels[i], "text_ids": self.ids[i], "text_mask": self.mask[i]}
+
+
+def collate(items):
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _model(dropout=0.1):
+    torch.manual_seed(0)
+    return Blip2(tiny_config(hidden_dropout=dropout))  # dropout on: resume must replay its masks too
+
+
+def _cfg(**kw):
+    base = dict(lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=6, batch_size=4, seed=3)
+    return TrainConfig(**(base | kw))
+
+
+def test_batch_stream_is_a_function_of_the_step():
+    data = Toy()
+    a, b = BatchStream(data, 4, collate, seed=1), BatchStream(data, 4, collate, seed=1)
+    assert torch.equal(a(7)["text_ids"], b(7)["text_ids"])
+    epoch = torch.cat([a(i)["text_ids"] for i in range(4)])  # 4 batches of 4 = one epoch: a permutation
+    assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, data.ids.tolist()))
+    r0, r1 = BatchStream(data, 2, collate, seed=1, rank=0, world_size=2), BatchStream(data, 2, collate, seed=1, rank=1, world_size=2)
+    assert torch.equal(torch.cat([r0(5)["text_ids"], r1(5)["text_ids"]]),
+                       BatchStream(data, 4, collate, seed=1)(5)["text_ids"])
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = Toy()
+    whole = _model()
+    train(whole, BatchStream(data, 4, collate, seed=3), _cfg(), out_dir=tmp_path / "whole")
+
+    class Stop(Exception):
+        pass
+
+    def crash(step, logs):
+        if step == 3:
+            raise Stop
+
+    first = _model()
+    with pytest.raises(Stop):
+        train(first, BatchStream(data, 4, collate, seed=3), _cfg(save_every=3), out_dir=tmp_path / "cut", on_step=crash)
+    resumed = _model()
+    history = train(resumed, BatchStream(data, 4, collate, seed=3), _cfg(save_every=3), out_dir=tmp_path / "cut",
+                    resume=True)
+    assert len(history) == 6
+    for (k, v), (k2, v2) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(v, v2), k  # bitwise, on the CPU
+
+
+def test_logs_config_and_checkpoint(tmp_path):
+    history = train(_model(), BatchStream(Toy(), 4, collate), _cfg(max_steps=3), out_dir=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert {"itc_loss", "itm_loss", "itg_loss", "loss", "lr", "grad_norm"} <= set(rows[0])
+    assert float(rows[0]["lr"]) == pytest.approx(lr_at(0, _cfg(max_steps=3)))
+    assert (tmp_path / "train_config.json").is_file() and (tmp_path / "model_config.json").is_file()
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+    assert any((tmp_path / "tb").iterdir())
+    assert len(history) == 3
+
+
+def test_nan_guard_skips_and_stops(tmp_path):
+    model = _model()
+
+    def batches(i):
+        b = collate([Toy()[j] for j in range(4)])
+        if i in (1, 2):  # two poisoned batches: their updates are skipped
+            b["pixels"] = b["pixels"] * float("nan")
+        return b
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = train(model, batches, _cfg(max_steps=4, max_bad_steps=5))
+    assert [h["skipped"] for h in history] == [0.0, 1.0, 1.0, 0.0]
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(FloatingPointError, match="max_bad_steps"):
+        train(_model(), batches, _cfg(max_steps=4, max_bad_steps=1))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    model = _model(dropout=0.0)
+    train(model, BatchStream(Toy(), 4 // world, collate, seed=3, rank=rank, world_size=world),
+          _cfg(max_steps=3, losses=("itg",)))
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+
+
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
+    """ITG alone (no cross-rank gathers, equal token counts): DDP's averaged gradients are the
+    whole batch's, so 2 processes of batch 2 train exactly as 1 process of batch 4."""
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    single = _model(dropout=0.0)  # dropout masks are per process: the runs compare without it
+    single_cfg = _cfg(max_steps=3, losses=("itg",))
+    train(single, BatchStream(Toy(), 4, collate, seed=3), single_cfg)
+    for k, v in single.state_dict().items():
+        if k.startswith("qformer.layers") and k.endswith("weight"):
+            torch.testing.assert_close(ddp[k], v, atol=1e-5, rtol=1e-4)
