@@ -3,6 +3,10 @@
     blip2lab caption IMAGE [IMAGE ...] [--model NAME_OR_PATH]
     blip2lab vqa IMAGE QUESTION [--model NAME_OR_PATH]
     blip2lab match IMAGE TEXT [--model NAME_OR_PATH] [--retrieval NAME_OR_PATH]
+    blip2lab shapes build [--preset default|tiny] [--out runs/shapes] [--seed 0]
+    blip2lab shapes pretrain-vision | pretrain-lm [--which opt,t5,bert]
+    blip2lab shapes train stage1|stage2 [--llm opt|t5] [--stage1 DIR] [--preset ...]
+    blip2lab shapes eval caption|vqa|retrieval --model DIR [--preset ...]
 
 --model defaults to $BLIP2LAB_MODEL, else the shipped shapes model. Decoding options:
 --beams, --max-new-tokens, --min-new-tokens, --sample (nucleus sampling, top-p 0.9).
@@ -47,7 +51,80 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("--retrieval", help="a checkpoint with ITC/ITM heads, when --model has none")
     common(p)
+    _shapes_parser(sub)
     return parser
+
+
+def _shapes_parser(sub) -> None:
+    shapes = sub.add_parser("shapes", help="the shapes world: pretrain backbones, train, evaluate")
+    steps = shapes.add_subparsers(dest="shapes_command", required=True)
+
+    def preset(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="default", help="tiny (about a minute) or default")
+        p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override preset fields")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = steps.add_parser("build", help="stage 1, stage 2 on OPT and T5, evaluation")
+    p.add_argument("--out", default="runs/shapes")
+    preset(p)
+    p = steps.add_parser("pretrain-vision", help="pretrain the frozen ViT (models/backbones/vit)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p = steps.add_parser("pretrain-lm", help="pretrain the frozen text backbones (models/backbones/{opt,t5,bert})")
+    p.add_argument("--which", default="opt,t5,bert")
+    p.add_argument("--out", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p = steps.add_parser("train", help="one stage")
+    p.add_argument("stage", choices=["stage1", "stage2"])
+    p.add_argument("--llm", choices=["opt", "t5"], default="opt")
+    p.add_argument("--stage1", help="stage-1 folder to start stage 2 from (omit: no representation learning)")
+    p.add_argument("--out", default=None)
+    preset(p)
+    p = steps.add_parser("eval", help="evaluate a shapes model")
+    p.add_argument("task", choices=["caption", "vqa", "retrieval", "all"])
+    p.add_argument("--model", required=True)
+    preset(p)
+
+
+def _shapes(args: argparse.Namespace) -> None:
+    from .recipes import shapes as recipe
+
+    cmd = args.shapes_command
+    if cmd == "pretrain-vision":
+        from .backbones import vision
+
+        out = args.out or str(recipe.BACKBONES / "vit")
+        kwargs = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
+        print(json.dumps(vision.pretrain_vision(out, **kwargs), indent=2))
+        return
+    if cmd == "pretrain-lm":
+        from .backbones import text
+
+        for which in args.which.split(","):
+            out = args.out or str(recipe.BACKBONES / which)
+            kwargs = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
+            print(which, json.dumps(getattr(text, f"pretrain_{which}")(out, **kwargs), indent=2))
+        return
+    preset = recipe.preset_with(args.preset, args.set)
+    progress = not args.quiet
+    if cmd == "build":
+        report = recipe.build(args.out, preset, args.seed, progress=progress)
+        print(json.dumps({k: v for k, v in report.items() if k != "preset"}, indent=2, default=str))
+    elif cmd == "train" and args.stage == "stage1":
+        _, timing = recipe.train_stage1(args.out or "runs/shapes/stage1", preset, args.seed, progress=progress)
+        print(json.dumps(timing, indent=2))
+    elif cmd == "train":
+        out = args.out or f"runs/shapes/{args.llm}"
+        _, timing = recipe.train_stage2(out, args.stage1, args.llm, preset, args.seed, progress=progress)
+        print(json.dumps(timing, indent=2))
+    else:
+        from .pipeline import load
+
+        tasks = ("caption", "vqa", "retrieval") if args.task == "all" else (args.task,)
+        print(json.dumps(recipe.evaluate(load(args.model), preset, args.seed, tasks), indent=2, default=str))
 
 
 def _decoding(args: argparse.Namespace) -> dict:
@@ -65,6 +142,9 @@ def _decoding(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "shapes":
+        _shapes(args)
+        return 0
     from .pipeline import load
 
     try:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Blip2Config, LLMConfig, QFormerConfig, to_dict
-from .weights import HF_ABSENT, WeightsError, _qformer_layer_table, config_from_hf, hf_table
+from .weights import HF_ABSENT, WeightsError, _qformer_layer_table, config_from_hf, hf_table, raise_load_problems
 
 __all__ = [
     "KNOWN_CHECKPOINTS",
@@ -275,15 +275,7 @@ def _plan(table: Mapping[str, object], shapes: Mapping[str, tuple], own: Mapping
             missing += [f"one of {sorted('+'.join(_keys(table[k])) for k in group)}"]
     used = {k for theirs in table.values() for k in _keys(theirs)}
     leftover = sorted(k for k in shapes if k not in used and not ignore(k))
-    problems = []
-    if missing:
-        problems.append(f"model keys missing from {source}: {sorted(missing)}")
-    if leftover:
-        problems.append(f"keys in {source} the model does not have: {leftover}")
-    if bad:
-        problems.append("shape mismatches: " + "; ".join(bad))
-    if problems:
-        raise WeightsError("strict load failed; " + " | ".join(problems))
+    raise_load_problems(source, missing, leftover, bad)
     return todo
 
 

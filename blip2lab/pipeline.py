@@ -108,15 +108,8 @@ class Blip2Pipeline:
         if self.model.llm is None:
             raise ValueError(f"{self.name or 'this model'} has no language model: it can caption and match, "
                              "not answer questions")
-        image = self._image(images)
-        questions = [questions] if isinstance(questions, str) else list(questions)
-        B = max(image.shape[0], len(questions))
-        if image.shape[0] == 1 and B > 1:
-            image = image.expand(B, -1, -1)
-        if len(questions) == 1 and B > 1:
-            questions = questions * B
-        if len(questions) != image.shape[0]:
-            raise ValueError(f"{image.shape[0]} images but {len(questions)} questions")
+        image, questions = _pair_up(self._image(images), questions, "questions")
+        B = image.shape[0]
         history = history or [[] for _ in range(B)]
         prompts = [self.processor.chat_prompt(h, q) if h else self.processor.vqa_prompt(q)
                    for h, q in zip(history, questions)]
@@ -150,15 +143,7 @@ class Blip2Pipeline:
         `itm_prob` (ITM head, softmax probability of "match"), `itm_logit` (its raw
         positive logit) and `itc_cosine` (the ITC cosine, max over queries; not a probability)."""
         model, proc = self._scorer()
-        image = self._image(images, model)
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        B = max(image.shape[0], len(texts))
-        if image.shape[0] == 1 and B > 1:
-            image = image.expand(B, -1, -1)
-        if len(texts) == 1 and B > 1:
-            texts = texts * B
-        if len(texts) != image.shape[0]:
-            raise ValueError(f"{image.shape[0]} images but {len(texts)} texts")
+        image, texts = _pair_up(self._image(images, model), texts, "texts")
         t = {k: v.to(self.device) for k, v in proc.qformer_text(texts).items()}
         logits = model.itm_logits(image, t["text_ids"], t["text_mask"])  # (B, 2)
         img = model.image_features(image).proj  # (B, Q, E)
@@ -189,6 +174,19 @@ class Blip2Pipeline:
         if self.processor.llm_tokenizer is not None:
             self.processor.llm_tokenizer.save_pretrained(path / LLM_TOKENIZER_DIR)
         return path
+
+
+def _pair_up(image: Tensor, texts: str | Sequence[str], what: str) -> tuple[Tensor, list[str]]:
+    """Image i with text i; a single image or a single text is repeated to match the other."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    B = max(image.shape[0], len(texts))
+    if image.shape[0] == 1 and B > 1:
+        image = image.expand(B, -1, -1)
+    if len(texts) == 1 and B > 1:
+        texts = texts * B
+    if len(texts) != image.shape[0]:
+        raise ValueError(f"{image.shape[0]} images but {len(texts)} {what}")
+    return image, texts
 
 
 def _is_blip2lab_folder(path: Path) -> bool:

@@ -33,6 +33,20 @@ class WeightsError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 
 
+def raise_load_problems(source: str, missing: Iterable[str], leftover: Iterable[str], bad_shapes: Iterable[str]) -> None:
+    """One error naming every missing key, leftover key and shape mismatch, if any."""
+    missing, leftover, bad_shapes = sorted(missing), sorted(leftover), list(bad_shapes)
+    problems = []
+    if leftover:
+        problems.append(f"keys in {source} the model does not have: {leftover}")
+    if missing:
+        problems.append(f"model keys missing from {source}: {missing}")
+    if bad_shapes:
+        problems.append("shape mismatches: " + "; ".join(bad_shapes))
+    if problems:
+        raise WeightsError("strict load failed; " + " | ".join(problems))
+
+
 def load_strict(module: nn.Module, state: Mapping[str, Tensor], allowed_missing: Iterable[str] = (),
                 source: str = "checkpoint") -> None:
     """Copy `state` into `module`: every key must exist with the same shape, and every
@@ -44,15 +58,7 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], allowed_missing:
     missing = sorted(set(own) - set(state) - allowed)
     bad_shapes = [f"{k}: {tuple(state[k].shape)} in {source}, {tuple(own[k].shape)} in model"
                   for k in sorted(set(state) & set(own)) if state[k].shape != own[k].shape]
-    problems = []
-    if unexpected:
-        problems.append(f"keys in {source} the model does not have: {unexpected}")
-    if missing:
-        problems.append(f"model keys missing from {source}: {missing}")
-    if bad_shapes:
-        problems.append("shape mismatches: " + "; ".join(bad_shapes))
-    if problems:
-        raise WeightsError("strict load failed; " + " | ".join(problems))
+    raise_load_problems(source, missing, unexpected, bad_shapes)
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)

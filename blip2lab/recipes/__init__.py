@@ -1,0 +1,1 @@
+"""Recipes: whole training runs built from the package (the shapes world; later mini-real)."""

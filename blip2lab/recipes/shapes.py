@@ -1,0 +1,356 @@
+"""The whole BLIP-2 recipe in the shapes world, from the shipped frozen backbones:
+stage 1 (ITC + ITM + ITG) then stage 2 on each LLM family, and the evaluation.
+
+    blip2lab shapes build --preset default     # both stages for OPT and T5, then evaluation
+    blip2lab shapes train stage1 --preset tiny
+    blip2lab shapes eval vqa --model runs/shapes/opt
+
+The frozen backbones (ViT, OPT, T5, the small BERT) are pretrained once by
+`blip2lab.backbones` and shipped under `models/backbones/`; what runs here is what people
+repeat. Frozen image features are computed once per split and cached (the paper's
+recipe recomputes them every step; with a frozen tower and no augmentation they are
+identical), so stage 1 never runs the ViT again.
+
+Deviations from the paper, each a preset field (defaults follow the paper where it applies):
+- the Q-Former is small (width 128, 4 layers, 8 queries) to train on a CPU in minutes;
+- stage 2 may mix VQA examples into the captioning data (`stage2_vqa_fraction`); the
+  paper's zero-shot setting is `stage2_vqa_fraction=0` (captions only).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from ..blip2 import Blip2
+from ..config import Blip2Config, LLMConfig, QFormerConfig, TrainConfig
+from ..data import shapes as world
+from ..pipeline import Blip2Pipeline
+from ..processor import Blip2Processor, tokenizer_from_path
+from ..train import BatchStream, Timer, train
+
+BACKBONES = Path(__file__).resolve().parents[2] / "models" / "backbones"
+LLMKind = Literal["opt", "t5"]
+
+
+@dataclass
+class ShapesPreset:
+    """Sizes and budgets of one run of the recipe."""
+
+    name: str
+    n_train: int = 20_000  # training scenes (train split: no held-out colour-shape pairs)
+    n_eval: int = 500  # test scenes for captioning / VQA evaluation (seen; as many novel)
+    gallery: int = 1_000  # retrieval gallery: test scenes with distinct captions
+    num_queries: int = 8
+    stage1_steps: int = 1500
+    stage1_batch: int = 64
+    stage1_lr: float = 5e-4
+    stage1_losses: tuple[str, ...] = ("itc", "itm", "itg")
+    stage2_steps: int = 1500
+    stage2_batch: int = 32
+    stage2_lr: float = 5e-4
+    stage2_vqa_fraction: float = 0.5  # 0: the paper's captions-only stage 2 (zero-shot VQA)
+    warmup: int = 100
+    k_test: int = 16  # ITM re-ranking depth of the retrieval protocol (COCO: 128)
+
+
+PRESETS = {
+    "tiny": ShapesPreset("tiny", n_train=512, n_eval=32, gallery=64, stage1_steps=20, stage1_batch=16,
+                         stage2_steps=20, stage2_batch=8, warmup=5, k_test=4),
+    "default": ShapesPreset("default"),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Backbones and configuration
+# ---------------------------------------------------------------------------------------
+
+
+def _vision_config():
+    from ..backbones.vision import SHAPES_VISION_CONFIG
+
+    return SHAPES_VISION_CONFIG
+
+
+def qformer_tokenizer(backbones: Path = BACKBONES):
+    return tokenizer_from_path(backbones / "bert")
+
+
+def shapes_config(kind: Optional[LLMKind], preset: ShapesPreset, backbones: Path = BACKBONES) -> Blip2Config:
+    """The shapes BLIP-2: the shipped ViT, a Q-Former shaped like the shipped BERT (and
+    initialised from it, as the paper from bert-base-uncased), and optionally an LLM."""
+    from transformers import AutoConfig
+
+    bert = AutoConfig.from_pretrained(backbones / "bert")
+    qtok = qformer_tokenizer(backbones)
+    qformer = QFormerConfig(
+        hidden_size=bert.hidden_size, num_layers=bert.num_hidden_layers, num_heads=bert.num_attention_heads,
+        intermediate_size=bert.intermediate_size, num_queries=preset.num_queries, vocab_size=len(qtok),
+        max_position_embeddings=bert.max_position_embeddings, max_text_len=min(32, bert.max_position_embeddings),
+        pad_token_id=qtok.pad_token_id, cls_token_id=qtok.cls_token_id, sep_token_id=qtok.sep_token_id,
+        dec_token_id=qtok.convert_tokens_to_ids("[DEC]"), init_from=str(backbones / "bert"),
+        # 0.02 is BERT-base's init for a 768-wide model; the fresh cross-attention of a 128-wide
+        # Q-Former needs ~1/sqrt(width) to let the image through at the start.
+        init_std=0.08,
+    )
+    llm = LLMConfig()
+    if kind is not None:
+        llm = LLMConfig(kind="decoder" if kind == "opt" else "encoder_decoder", name_or_path=str(backbones / kind))
+    return Blip2Config(vision=_vision_config(), qformer=qformer, llm=llm, embed_dim=128)
+
+
+def build_model(config: Blip2Config, backbones: Path = BACKBONES) -> Blip2:
+    """A Blip2 with the shipped frozen ViT's weights in its (pruned) tower."""
+    from ..backbones.vision import load_shapes_vision
+
+    return Blip2(config, image_encoder=load_shapes_vision(backbones / "vit"))
+
+
+def processor_for(config: Blip2Config, backbones: Path = BACKBONES) -> Blip2Processor:
+    llm_tok = None if config.llm.kind == "none" else tokenizer_from_path(config.llm.name_or_path)
+    return Blip2Processor.from_config(config, qformer_tokenizer(backbones), llm_tok, llm_max_len=48)
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def cache_features(model: Blip2, scenes: list, processor: Blip2Processor, batch: int = 256) -> torch.Tensor:
+    """The frozen tower's output for every scene, once: (n, N, D_v) in fp16 (half the memory;
+    the tower's fp32 output rounds to it with a relative error of 1e-3)."""
+    out = []
+    mean = torch.tensor(processor.mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.std).view(1, 3, 1, 1)
+    for start in range(0, len(scenes), batch):
+        pixels = torch.from_numpy(world.render_batch(scenes[start:start + batch])).permute(0, 3, 1, 2).float() / 255
+        out.append(model.image_encoder((pixels - mean) / std).half())
+    return torch.cat(out)
+
+
+class Stage1Data(Dataset):
+    """(cached image features, caption) pairs; the caption is a paraphrase drawn from
+    (seed, index), so every scene is seen with varied wording."""
+
+    def __init__(self, features: torch.Tensor, scenes: list, seed: int = 0):
+        self.features, self.scenes, self.seed = features, scenes, seed
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> dict:
+        rng = random.Random(world.stable_seed("stage1", self.seed, i))
+        return {"image_embeds": self.features[i], "text": world.paraphrases(self.scenes[i], rng), "image_id": i}
+
+
+def stage1_collate(processor: Blip2Processor):
+    def collate(items: list[dict]) -> dict:
+        text = processor.qformer_text([it["text"] for it in items])
+        return {"image_embeds": torch.stack([it["image_embeds"] for it in items]).float(),
+                "text_ids": text["text_ids"], "text_mask": text["text_mask"],
+                "image_ids": torch.tensor([it["image_id"] for it in items])}
+    return collate
+
+
+class Stage2Data(Dataset):
+    """Captioning items ("a photo of" -> the canonical caption) and, with probability
+    `vqa_fraction`, VQA items ("Question: {q} Answer:" -> the answer), from (seed, index)."""
+
+    def __init__(self, features: torch.Tensor, scenes: list, vqa_fraction: float, seed: int = 0):
+        self.features, self.scenes, self.vqa_fraction, self.seed = features, scenes, vqa_fraction, seed
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> dict:
+        rng = random.Random(world.stable_seed("stage2", self.seed, i))
+        scene = self.scenes[i]
+        if rng.random() < self.vqa_fraction:
+            q, a, _ = rng.choice(world.questions(scene, rng, allow_held_out=False))
+            return {"image_embeds": self.features[i], "question": q, "answer": a}
+        return {"image_embeds": self.features[i], "question": None, "answer": world.caption(scene)}
+
+
+def stage2_collate(processor: Blip2Processor):
+    def collate(items: list[dict]) -> dict:
+        prompts = [processor.caption_prompt if it["question"] is None else processor.vqa_prompt(it["question"])
+                   for it in items]
+        answers = [it["answer"] for it in items]
+        if processor.llm_kind == "decoder":
+            text = processor.decoder_batch(prompts, answers)
+        else:
+            text = processor.encoder_decoder_batch(prompts, answers)
+        return {"image_embeds": torch.stack([it["image_embeds"] for it in items]).float(), **text}
+    return collate
+
+
+# ---------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------
+
+
+def _train_cfg(preset: ShapesPreset, stage: int, seed: int) -> TrainConfig:
+    if stage == 1:
+        return TrainConfig(stage=1, losses=preset.stage1_losses, lr=preset.stage1_lr, min_lr=preset.stage1_lr / 10,
+                           warmup_steps=preset.warmup, max_steps=preset.stage1_steps, batch_size=preset.stage1_batch,
+                           seed=seed, out_dir="")
+    return TrainConfig(stage=2, losses=("lm",), lr=preset.stage2_lr, min_lr=preset.stage2_lr / 10,
+                       warmup_steps=preset.warmup, max_steps=preset.stage2_steps, batch_size=preset.stage2_batch,
+                       seed=seed, out_dir="")
+
+
+def _train_scenes(preset: ShapesPreset, seed: int) -> list:
+    return world.make_split("train", preset.n_train, seed)
+
+
+def train_stage1(out_dir: str | Path, preset: ShapesPreset, seed: int = 0, backbones: Path = BACKBONES,
+                 progress: bool = True) -> tuple[Blip2Pipeline, dict]:
+    """Stage 1 from the shipped backbones; saves a pipeline folder; returns it and timings."""
+    out = Path(out_dir)
+    config = shapes_config(None, preset, backbones)
+    model = build_model(config, backbones)
+    return _run_stage(out, model, processor_for(config, backbones), 1, preset, seed, progress)
+
+
+def train_stage2(out_dir: str | Path, stage1: str | Path | None, kind: LLMKind, preset: ShapesPreset,
+                 seed: int = 0, backbones: Path = BACKBONES, progress: bool = True) -> tuple[Blip2Pipeline, dict]:
+    """Stage 2 on one LLM family. `stage1`: a stage-1 folder whose Q-Former, ln_vision and
+    heads start this stage (kept, so the result still retrieves and matches); None trains
+    stage 2 from the BERT-initialised Q-Former (the paper's Figure 5 ablation)."""
+    out = Path(out_dir)
+    config = shapes_config(kind, preset, backbones)
+    model = build_model(config, backbones)
+    if stage1 is not None:
+        from ..weights import read_safetensors
+
+        state = read_safetensors(Path(stage1) / "model.safetensors")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # Strict in what matters: every stage-1 weight lands, and only the LLM side is new.
+        if unexpected or any(not k.startswith("llm.") for k in missing):
+            raise RuntimeError(f"stage-1 checkpoint does not fit: unexpected {unexpected}, missing "
+                               f"{[k for k in missing if not k.startswith('llm.')]}")
+    return _run_stage(out, model, processor_for(config, backbones), 2, preset, seed, progress)
+
+
+def _run_stage(out: Path, model: Blip2, processor: Blip2Processor, stage: int, preset: ShapesPreset, seed: int,
+               progress: bool) -> tuple[Blip2Pipeline, dict]:
+    """Cache the frozen features of the training scenes, train, save a pipeline folder."""
+    scenes = _train_scenes(preset, seed)
+    with Timer() as t_cache:
+        features = cache_features(model, scenes, processor)
+    cfg = _train_cfg(preset, stage, seed)
+    if stage == 1:
+        data = BatchStream(Stage1Data(features, scenes, seed), cfg.batch_size, stage1_collate(processor), seed=seed)
+    else:
+        data = BatchStream(Stage2Data(features, scenes, preset.stage2_vqa_fraction, seed), cfg.batch_size,
+                           stage2_collate(processor), seed=seed)
+    with Timer() as t_train:
+        train(model, data, cfg, out_dir=out / "train", progress=progress)
+    pipe = Blip2Pipeline(model.eval(), processor, name=out.name)
+    pipe.save(out)
+    timing = {"cache_features_s": t_cache.seconds, f"stage{stage}_train_s": t_train.seconds, "steps": cfg.max_steps}
+    (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    return pipe, timing
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------
+
+
+def _images(scenes: list) -> list:
+    return [world.render(s) for s in scenes]
+
+
+def eval_captions(pipe: Blip2Pipeline, scenes: list, batch: int = 64, **decoding) -> dict:
+    """Object-level precision / recall / F1 of generated captions parsed back into objects."""
+    from ..evaluate import object_f1
+
+    preds = []
+    for start in range(0, len(scenes), batch):
+        preds += pipe.caption(_images(scenes[start:start + batch]), **decoding)
+    scores = object_f1([world.parse_caption(p) for p in preds], [s.tuples() for s in scenes])
+    return scores | {"examples": [{"truth": world.caption(s), "caption": p} for s, p in zip(scenes[:5], preds[:5])]}
+
+
+def eval_vqa(pipe: Blip2Pipeline, scenes: list, batch: int = 64, **decoding) -> dict:
+    """VQA accuracy (official normalisation; one reference answer each) per question type."""
+    from ..evaluate import vqa_accuracy
+
+    items = [(i, q, a, t) for i, s in enumerate(scenes) for q, a, t in world.questions(s, random.Random(i))]
+    preds = []
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        preds += pipe.answer([world.render(scenes[i]) for i, *_ in chunk], [q for _, q, _, _ in chunk], **decoding)
+    return vqa_accuracy(preds, [[a] for *_, a, _ in items], [t for *_, t in items]) | {"questions": len(items)}
+
+
+def eval_retrieval(pipe: Blip2Pipeline, scenes: list, k_test: int) -> dict:
+    """Recall@1/5/10 both ways over a gallery with distinct captions, ITC only and ITM re-ranked."""
+    from ..evaluate import retrieval_eval
+
+    model = pipe.model if pipe.model.has_stage1_heads else pipe.retrieval
+    images = pipe.processor.images(_images(scenes))
+    with torch.no_grad():
+        embeds = torch.cat([model.encode_image(images[i:i + 256]) for i in range(0, len(scenes), 256)])
+    text = pipe.processor.qformer_text([world.caption(s) for s in scenes])
+    n = len(scenes)
+    return retrieval_eval(model, embeds, text["text_ids"], text["text_mask"], list(range(n)),
+                          [[i] for i in range(n)], k_test=k_test)
+
+
+def evaluate(pipe: Blip2Pipeline, preset: ShapesPreset, seed: int = 0, tasks=("caption", "vqa", "retrieval"),
+             decoding: Optional[dict] = None) -> dict:
+    """Every figure of a shapes model: seen test scenes and, separately, novel ones."""
+    decoding = decoding or {"num_beams": 1}
+    seen = world.make_split("test", preset.n_eval, seed)
+    novel = world.make_split("test", preset.n_eval, seed, novel=True)
+    results: dict = {}
+    with Timer() as t:
+        if "caption" in tasks and (pipe.model.llm is not None or pipe.model.has_stage1_heads):
+            results["caption/seen"] = eval_captions(pipe, seen, **decoding)
+            results["caption/novel"] = eval_captions(pipe, novel, **decoding)
+        if "vqa" in tasks and pipe.model.llm is not None:
+            results["vqa/seen"] = eval_vqa(pipe, seen, **decoding)
+            results["vqa/novel"] = eval_vqa(pipe, novel, **decoding)
+        if "retrieval" in tasks and (pipe.model.has_stage1_heads or pipe.retrieval is not None):
+            results["retrieval"] = eval_retrieval(pipe, world.make_gallery("test", preset.gallery, seed),
+                                                  preset.k_test)
+    results["eval_s"] = t.seconds
+    return results
+
+
+def build(out_root: str | Path, preset: ShapesPreset, seed: int = 0, backbones: Path = BACKBONES,
+          progress: bool = True) -> dict:
+    """Stage 1, then stage 2 on OPT and on T5, then evaluation; every step timed."""
+    out = Path(out_root)
+    report: dict = {"preset": asdict(preset), "seed": seed}
+    _, report["stage1"] = train_stage1(out / "stage1", preset, seed, backbones, progress)
+    for kind in ("opt", "t5"):
+        pipe, timing = train_stage2(out / kind, out / "stage1", kind, preset, seed, backbones, progress)
+        report[kind] = {"timing": timing, "eval": evaluate(pipe, preset, seed)}
+        (out / kind / "eval.json").write_text(json.dumps(report[kind]["eval"], indent=2) + "\n")
+    report["total_train_s"] = report["stage1"]["cache_features_s"] + report["stage1"]["stage1_train_s"] + sum(
+        report[k]["timing"]["cache_features_s"] + report[k]["timing"]["stage2_train_s"] for k in ("opt", "t5"))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def preset_with(name: str, overrides: list[str]) -> ShapesPreset:
+    """A preset with `field=value` overrides (types from the dataclass)."""
+    preset = PRESETS[name]
+    changes = {}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key not in ShapesPreset.__dataclass_fields__:
+            raise ValueError(f"unknown preset field {key!r}; known: {sorted(ShapesPreset.__dataclass_fields__)}")
+        current = getattr(preset, key)
+        changes[key] = tuple(text.split(",")) if isinstance(current, tuple) else type(current)(text)
+    return replace(preset, **changes)
