@@ -20,7 +20,6 @@ from functools import partial
 from typing import Literal, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 

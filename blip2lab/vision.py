@@ -203,6 +203,25 @@ def _inspect_open_clip_tower(visual: nn.Module) -> _OpenClipTower:
         f"{type(visual).__name__}. ResNet / ConvNeXt towers give no [B, N, D_v] tokens.")
 
 
+def build_open_clip_tower(cfg: VisionConfig) -> nn.Module:
+    """The full (unpruned) custom open_clip `VisionTransformer` that `cfg` describes; the
+    encoder built from the same config holds exactly its weight names and shapes (minus the
+    blocks after `layer_index`), so a tower pretrained from this loads into it."""
+    from open_clip.transformer import LayerNorm as OpenClipLayerNorm
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        mlp_ratio=cfg.intermediate_size / cfg.width,
+        output_dim=cfg.width,  # the projection head is pruned anyway
+        norm_layer=partial(OpenClipLayerNorm, eps=cfg.layer_norm_eps),  # open_clip's, fp16-safe
+    )
+
+
 class OpenClipImageEncoder(ImageEncoder):
     """An open_clip ViT tower (`model.visual`), tokens taken from block `layer_index`.
 
@@ -250,8 +269,6 @@ class OpenClipImageEncoder(ImageEncoder):
         Otherwise: a plain open_clip `VisionTransformer` of cfg's sizes.
         """
         import open_clip
-        from open_clip.transformer import LayerNorm as OpenClipLayerNorm
-        from open_clip.transformer import VisionTransformer
 
         if cfg.model_name is not None:
             # Check the image size from the architecture's JSON before building (EVA-g is 1B params).
@@ -273,16 +290,7 @@ class OpenClipImageEncoder(ImageEncoder):
                     raise ConfigError(f"vision.{name} is {getattr(cfg, name)} but open_clip model "
                                       f"{cfg.model_name!r} has {value}; set --model.vision.{name}={value}")
         else:
-            visual = VisionTransformer(
-                image_size=cfg.image_size,
-                patch_size=cfg.patch_size,
-                width=cfg.width,
-                layers=cfg.layers,
-                heads=cfg.heads,
-                mlp_ratio=cfg.intermediate_size / cfg.width,
-                output_dim=cfg.width,  # the projection head is pruned anyway
-                norm_layer=partial(OpenClipLayerNorm, eps=cfg.layer_norm_eps),  # open_clip's, fp16-safe
-            )
+            visual = build_open_clip_tower(cfg)
         return cls(visual, layer_index=cfg.layer_index, mean=cfg.mean, std=cfg.std)
 
     @classmethod

@@ -12,7 +12,7 @@ from blip2lab.config import TrainConfig
 from blip2lab.generation import DecodingConfig
 from blip2lab.train import param_groups, train
 from blip2lab.weights import WeightsError, load_pretrained, save_pretrained
-from conftest import CLS, DEC, SEP, random_text, tiny_config
+from conftest import DEC, SEP, random_text, tiny_config
 
 
 def _model(seed=0, **kw):

@@ -32,7 +32,7 @@ from ..blip2 import Blip2
 from ..config import Blip2Config, LLMConfig, QFormerConfig, TrainConfig
 from ..data import shapes as world
 from ..pipeline import Blip2Pipeline
-from ..processor import Blip2Processor, tokenizer_from_path
+from ..processor import Blip2Processor, make_qformer_tokenizer, tokenizer_from_path
 from ..train import BatchStream, Timer, train
 
 BACKBONES = Path(__file__).resolve().parents[2] / "models" / "backbones"
@@ -79,7 +79,8 @@ def _vision_config():
 
 
 def qformer_tokenizer(backbones: Path = BACKBONES):
-    return tokenizer_from_path(backbones / "bert")
+    """The shipped BERT's WordPiece tokenizer plus [DEC], the ITG start token (LAVIS)."""
+    return make_qformer_tokenizer(tokenizer_from_path(backbones / "bert"))
 
 
 def shapes_config(kind: Optional[LLMKind], preset: ShapesPreset, backbones: Path = BACKBONES) -> Blip2Config:
