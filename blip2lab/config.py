@@ -237,6 +237,10 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     max_bad_steps: int = 10  # steps skipped for a non-finite loss/gradient before the run stops
+    # A deviation from the paper (which sums all three losses from step 0), off by default:
+    # "name@step" entries make a loss join only from that step, e.g. ("itm@200", "itg@100")
+    # for an ITC-first warm-up against ITM collapsing to its class prior early on.
+    loss_schedule: tuple[str, ...] = ()
     seed: int = 0
     log_every: int = 10
     out_dir: str = "runs/default"
@@ -252,6 +256,15 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.save_every >= 0 and self.max_bad_steps >= 0, "train.save_every and train.max_bad_steps must be >= 0")
+        for entry in self.loss_schedule:
+            name, _, step = entry.partition("@")
+            _check(name in self.losses and step.isdigit(),
+                   f"train.loss_schedule entry {entry!r} must be 'loss@step' with a loss of train.losses")
+
+    def losses_at(self, step: int) -> tuple[str, ...]:
+        """The losses active at `step` (all of `losses`, less those `loss_schedule` starts later)."""
+        start = {name: int(at) for name, _, at in (e.partition("@") for e in self.loss_schedule)}
+        return tuple(name for name in self.losses if start.get(name, 0) <= step)
         _check(all(0.0 <= b < 1.0 for b in self.betas), f"train.betas must be in [0, 1), got {self.betas}")
 
 

@@ -114,6 +114,7 @@ class _Logger:
     def __init__(self, out_dir: Optional[Path], enabled: bool):
         self.enabled = enabled and out_dir is not None
         self.csv_path = out_dir / "log.csv" if out_dir is not None else None
+        self.fields: Optional[list[str]] = None
         self.tb = None
         if self.enabled:
             try:
@@ -126,12 +127,18 @@ class _Logger:
     def log(self, step: int, logs: dict[str, float]) -> None:
         if not self.enabled:
             return
-        new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", *logs])
-            if new:
+        row = {"step": step, **logs}
+        if self.fields is None:  # a resumed run appends to the log it left
+            self.fields = list(csv.DictReader(open(self.csv_path)).fieldnames or []) if self.csv_path.exists() else []
+        if set(row) - set(self.fields):  # the first row, or a loss joined later: (re)write the header
+            old = list(csv.DictReader(open(self.csv_path))) if self.fields else []
+            self.fields += [k for k in row if k not in self.fields]
+            with open(self.csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fields)
                 writer.writeheader()
-            writer.writerow({"step": step, **logs})
+                writer.writerows(old)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
         if self.tb is not None:
             for k, v in logs.items():
                 self.tb.add_scalar(k, v, step)
@@ -211,7 +218,8 @@ def train(
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     batch_at = batches if callable(batches) else _from_iterable(batches)
-    loss_kwargs = {"losses": cfg.losses} | (loss_kwargs or {})
+    loss_kwargs = dict(loss_kwargs or {})
+    scheduled = "losses" not in loss_kwargs  # the caller's own `losses` wins over the schedule
     if "label_smoothing" not in loss_kwargs and any(n in cfg.losses for n in ("itc", "itg")):
         loss_kwargs["label_smoothing"] = cfg.label_smoothing
     accepts_generator = _accepts(model, "generator") and "generator" not in loss_kwargs
@@ -253,6 +261,8 @@ def train(
                 if accepts_generator:
                     extra["generator"] = torch.Generator(device=accelerator.device).manual_seed(
                         step_seed(cfg.seed, step * cfg.grad_accum_steps + micro, accelerator.process_index) + 1)
+                if scheduled:
+                    extra["losses"] = cfg.losses_at(step)
                 with accelerator.autocast():
                     losses = wrapped(**batch, **loss_kwargs, **extra)
                 loss = total_loss(losses)

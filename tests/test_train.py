@@ -136,3 +136,14 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     for k, v in single.state_dict().items():
         if k.startswith("qformer.layers") and k.endswith("weight"):
             torch.testing.assert_close(ddp[k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_loss_schedule_phases_losses_in(tmp_path):
+    cfg = _cfg(max_steps=4, loss_schedule=("itm@2",))
+    assert cfg.losses_at(0) == ("itc", "itg") and cfg.losses_at(2) == ("itc", "itm", "itg")
+    history = train(_model(), BatchStream(Toy(), 4, collate), cfg, out_dir=tmp_path)
+    assert ["itm_loss" in h for h in history] == [False, False, True, True]
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [r["itm_loss"] != "" for r in rows] == [False, False, True, True]
+    with pytest.raises(ValueError, match="loss_schedule"):
+        _cfg(loss_schedule=("mlm@3",))
