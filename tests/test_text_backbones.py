@@ -56,3 +56,17 @@ def test_tiny_pretraining_lowers_the_loss(which, tmp_path):
     assert last < first - 0.3
     model, tok, recipe = T.load_text_backbone(tmp_path / which)
     assert recipe["call"]["steps"] == 20 and len(recipe["loss_curve"]) == 1
+
+
+def test_shipped_opt_answers_from_its_context():
+    """The shipped OPT (models/backbones/opt) re-evaluates to its recipe.json on a slice."""
+    from pathlib import Path
+
+    from blip2lab.data.shapes import make_split
+    from blip2lab.processor import Blip2Processor
+
+    model, tok, recipe = T.load_text_backbone(Path(__file__).resolve().parents[1] / "models" / "backbones" / "opt")
+    Blip2Processor(64, (0.5,) * 3, (0.5,) * 3, llm_tokenizer=tok, llm_kind="decoder")  # fits stage 2's processor
+    result = T.in_context_qa_accuracy(model.eval(), tok, make_split("test", 25, 0))
+    assert result["overall"] >= recipe["metrics"]["qa_context"]["overall"] - 0.06
+    assert result["per_type"]["count"] == 1.0
