@@ -37,6 +37,10 @@ def _worker(rank, world, init_file, out_dir):
         grad = model.ln_vision.weight.grad.clone()
         dist.all_reduce(grad)
         torch.save({k: v.detach() for k, v in out.items()} | {"ln_grad": grad}, f"{out_dir}/rank{rank}.pt")
+        # Both ranks leave together: a rank that tears gloo down while its peer is still in a
+        # collective (or still reading the file store) aborts the peer ("terminate called
+        # without an active exception", seen in CI on a many-core machine).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
