@@ -1,14 +1,90 @@
-"""The frozen text backbones of the shapes world (blip2lab/backbones/text.py): the corpora and
-the pretraining code path. (Tests of the shipped checkpoints join when models/backbones/{opt,t5,bert}
-are shipped.)"""
+"""The frozen text backbones of the shapes world (blip2lab/backbones/text.py): tokenizers,
+corpora, the shipped checkpoints in models/backbones/{opt,t5,bert}, and the pretraining code path."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from blip2lab.backbones import text as T
-from blip2lab.data.shapes import HELD_OUT
+from blip2lab.data.shapes import HELD_OUT, NUMBER_WORDS, VOCABULARY, make_split
+from blip2lab.processor import Blip2Processor, make_qformer_tokenizer
 
+MODELS = Path(__file__).resolve().parents[1] / "models" / "backbones"
+WORDS = list(VOCABULARY) + list(NUMBER_WORDS) + list(T.EXTRA_WORDS)
 HELD_OUT_PHRASES = [f"{c} {s}" for c, s in HELD_OUT]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """(model, tokenizer, recipe) of each shipped backbone, loaded offline."""
+    return {name: T.load_text_backbone(MODELS / name) for name in ("opt", "t5", "bert")}
+
+
+def processor(**kw):
+    return Blip2Processor(64, (0.5,) * 3, (0.5,) * 3, **kw)
+
+
+# -- tokenizers -----------------------------------------------------------------------------
+
+
+def test_opt_tokenizer_words_newline_and_specials(shipped):
+    _, tok, _ = shipped["opt"]
+    for w in WORDS:
+        assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1, w
+    assert len(tok("\n", add_special_tokens=False)["input_ids"]) == 1
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "</s>", "</s>")
+    assert (tok.pad_token_id, tok.bos_token_id) == (1, 2)  # OPT's ids
+    assert tok("a red circle")["input_ids"][0] == tok.bos_token_id  # OPT's tokenizer prepends </s>
+    proc = processor(llm_tokenizer=tok, llm_kind="decoder")
+    assert proc.llm_eos_token_id == tok("\n", add_special_tokens=False)["input_ids"][0]
+    batch = proc.decoder_batch(["a photo of"], ["a small red circle on the top left"])
+    assert tok.decode(batch["llm_ids"][0]) == "</s>a photo of a small red circle on the top left\n"
+    assert int((batch["llm_labels"][0] != -100).sum()) == 8 + 1  # the caption's 8 words and "\n"
+
+
+def test_t5_tokenizer_follows_t5_conventions(shipped):
+    model, tok, _ = shipped["t5"]
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert model.config.decoder_start_token_id == tok.pad_token_id
+    for w in WORDS:
+        assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
+    assert tok("a red circle")["input_ids"][-1] == tok.eos_token_id
+    text = "Question: what size is the red circle? Short answer:"
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    batch = processor(llm_tokenizer=tok, llm_kind="encoder_decoder").encoder_decoder_batch(["a photo of"], ["a red circle"])
+    assert batch["llm_labels"][0].tolist() == tok("a red circle")["input_ids"]
+
+
+def test_bert_tokenizer_and_its_qformer_tokenizer(shipped):
+    bert, tok, _ = shipped["bert"]
+    assert [tok.convert_tokens_to_ids(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
+    for w in VOCABULARY + NUMBER_WORDS:
+        assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
+    assert tok("What color?")["input_ids"] == tok("what color?")["input_ids"]  # uncased
+    qtok = make_qformer_tokenizer(tok)
+    assert qtok.convert_tokens_to_ids("[DEC]") == len(tok) == bert.config.vocab_size
+    proc = processor(qformer_tokenizer=qtok)
+    ids = proc.qformer_text(["a small red circle"])["text_ids"][0].tolist()
+    assert (ids[0], ids[-1], proc.pad_token_id, proc.dec_token_id) == (2, 3, 0, len(tok))
+
+
+def test_bert_initialises_the_shapes_world_qformer(shipped):
+    from blip2lab.config import QFormerConfig
+    from blip2lab.qformer import QFormer
+    from blip2lab.weights import init_qformer_from_bert
+
+    bert, tok, _ = shipped["bert"]
+    cfg = QFormerConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, num_queries=8,
+                        vocab_size=len(tok) + 1, max_position_embeddings=64, pad_token_id=0, cls_token_id=2,
+                        sep_token_id=3, dec_token_id=len(tok))
+    qformer = QFormer(cfg, 128)
+    init_qformer_from_bert(qformer, MODELS / "bert")
+    assert torch.equal(qformer.word_embeddings.weight[: len(tok)], bert.bert.embeddings.word_embeddings.weight)
+
+
+# -- corpora --------------------------------------------------------------------------------
 
 
 def test_world_corpus_is_train_only_and_teaches_the_stage2_layouts():
@@ -19,6 +95,7 @@ def test_world_corpus_is_train_only_and_teaches_the_stage2_layouts():
     qa = next(p for p in passages if p.kind == "qa_context")
     assert qa.text.startswith(T.BOS) and ". Question: " in qa.text and " Answer: " in qa.text and qa.text.endswith("\n")
     for p in passages:
+        assert len(p.target_types) == len(p.targets)
         for start, end in p.targets:  # every target span is an answer (or caption) and its terminator
             assert p.text[end - 1] in ".\n"
             if p.kind.startswith("qa"):
@@ -32,11 +109,58 @@ def test_t5_and_bert_corpora_are_train_only():
     examples = T.t5_corpus(300, 0)
     assert {k for _, _, k in examples} == set(T.T5_KINDS)
     assert not any(h in i + " " + t for i, t, _ in examples for h in HELD_OUT_PHRASES)
-    qa = [(i, t) for i, t, k in examples if k == "qa"]
-    assert all(i.endswith("Short answer:") and t for i, t in qa)
+    assert all(i.endswith("Short answer:") and t for i, t, k in examples if k == "qa")
     pairs = T.bert_corpus(300, 0)
     assert not any(h in f"{a} {b}" for a, b in pairs for h in HELD_OUT_PHRASES)
     assert any(b == "" for _, b in pairs) and any(b.endswith(("yes", "no")) for _, b in pairs)
+
+
+def test_target_and_context_tokens_are_weighted():
+    tok = T.train_opt_tokenizer([p.text for p in T.world_corpus(300, 0)])
+    desc = "a small red circle on the top left"
+    text = f"{T.BOS}{desc}. Question: what color is the circle? Answer: red\n"
+    start = text.index("Answer: ") + len("Answer: ")
+    passage = T.Passage(text, ((start, len(text)),), "qa_context", (len(T.BOS), len(T.BOS) + len(desc)), ("color",))
+    row = T.decoder_rows([passage], tok, 4.0, 0.1, 64, type_weights={"color": 2.0})[0]
+    tokens = tok.convert_ids_to_tokens(row["ids"])
+    assert [t for t, f in zip(tokens, row["targets"]) if f] == ["Ġred", "Ċ"]
+    assert [w for w, f in zip(row["weights"], row["targets"]) if f] == [8.0, 8.0]
+    assert row["weights"][1:9] == [0.1] * 8  # the description's 8 words
+    assert set(row["weights"][9:-2]) == {1.0}  # ". Question: ... Answer:"
+
+
+# -- shipped backbones ------------------------------------------------------------------------
+
+
+def test_shipped_opt_answers_from_its_context(shipped):
+    model, tok, recipe = shipped["opt"]
+    got = T.in_context_qa_accuracy(model, tok, make_split("test", 25, 0), layout="context")
+    assert got["overall"] >= recipe["metrics"]["qa_context"]["overall"] - 0.06
+    assert got["per_type"]["count"] == 1.0
+
+
+def test_shipped_t5_answers_from_its_context(shipped):
+    model, tok, recipe = shipped["t5"]
+    got = T.in_context_qa_accuracy(model, tok, make_split("test", 25, 0))
+    assert got["overall"] >= recipe["metrics"]["qa_context"]["overall"] - 0.06
+
+
+def test_shipped_bert_fills_masks(shipped):
+    model, tok, recipe = shipped["bert"]
+    got = T.masked_token_accuracy(model, tok, T.bert_corpus(300, 0, split="test"))
+    assert got["masked_accuracy"] >= recipe["metrics"]["masked_accuracy"] - 0.05
+
+
+def test_shipped_backbones_are_small_and_documented():
+    total = 0
+    for name in ("opt", "t5", "bert"):
+        recipe = json.loads((MODELS / name / "recipe.json").read_text())
+        assert recipe["function"].endswith(f"pretrain_{name}") and recipe["train_seconds"] > 0
+        total += sum(f.stat().st_size for f in (MODELS / name).iterdir())
+    assert total < 40e6
+
+
+# -- the pretraining code path ------------------------------------------------------------------
 
 
 def _first_last(history, k=4):
@@ -56,17 +180,3 @@ def test_tiny_pretraining_lowers_the_loss(which, tmp_path):
     assert last < first - 0.3
     model, tok, recipe = T.load_text_backbone(tmp_path / which)
     assert recipe["call"]["steps"] == 20 and len(recipe["loss_curve"]) == 1
-
-
-def test_shipped_opt_answers_from_its_context():
-    """The shipped OPT (models/backbones/opt) re-evaluates to its recipe.json on a slice."""
-    from pathlib import Path
-
-    from blip2lab.data.shapes import make_split
-    from blip2lab.processor import Blip2Processor
-
-    model, tok, recipe = T.load_text_backbone(Path(__file__).resolve().parents[1] / "models" / "backbones" / "opt")
-    Blip2Processor(64, (0.5,) * 3, (0.5,) * 3, llm_tokenizer=tok, llm_kind="decoder")  # fits stage 2's processor
-    result = T.in_context_qa_accuracy(model.eval(), tok, make_split("test", 25, 0))
-    assert result["overall"] >= recipe["metrics"]["qa_context"]["overall"] - 0.06
-    assert result["per_type"]["count"] == 1.0
