@@ -130,6 +130,7 @@ class Blip2(nn.Module):
         label_smoothing: float = 0.1,
         image_ids: Optional[Tensor] = None,  # (B,) examples of the same image are never ITM negatives
         generator: Optional[torch.Generator] = None,  # for the ITM negative draws
+        itm_easy_negatives: float = 0.0,  # share of random ITM negatives (L.sample_hard_negatives)
         **llm_batch: Tensor,  # stage 2: llm_ids, llm_mask, llm_labels (+ llm_target_*, question_*)
     ) -> dict[str, Tensor]:
         """The losses of one step, a dict of named `*_loss` tensors (and the temperature)."""
@@ -137,13 +138,15 @@ class Blip2(nn.Module):
         out: dict[str, Tensor] = {}
         stage1 = [name for name in losses if name != "lm"]
         if stage1:
-            out |= self._stage1(image, text_ids, text_mask, stage1, label_smoothing, image_ids, generator)
+            out |= self._stage1(image, text_ids, text_mask, stage1, label_smoothing, image_ids, generator,
+                                itm_easy_negatives)
         if "lm" in losses:
             out |= self._stage2(image, **llm_batch)
         return out
 
     def _stage1(self, image: Tensor, text_ids: Optional[Tensor], text_mask: Optional[Tensor], losses: Sequence[str],
-                label_smoothing: float, image_ids: Optional[Tensor], generator: Optional[torch.Generator]) -> dict:
+                label_smoothing: float, image_ids: Optional[Tensor], generator: Optional[torch.Generator],
+                itm_easy_negatives: float = 0.0) -> dict:
         """ITC, ITM and ITG (Sec. 3.2), those named in `losses`."""
         if not self.has_stage1_heads:
             raise ValueError("stage-1 losses need the Q-Former's text side (qformer.text_input=True)")
@@ -159,7 +162,7 @@ class Blip2(nn.Module):
         if "itc" in losses:
             out |= L.itc_loss(sim_i2t, sim_t2i, rank, label_smoothing)
         if "itm" in losses:
-            out |= self._itm(image, text_ids, text_mask, sim_i2t, sim_t2i, image_ids, generator)
+            out |= self._itm(image, text_ids, text_mask, sim_i2t, sim_t2i, image_ids, generator, itm_easy_negatives)
         if "itg" in losses:
             out |= self._itg(text_ids, text_mask, img.query_kv, label_smoothing)
         return out
@@ -199,13 +202,14 @@ class Blip2(nn.Module):
         return self.llm.generate(visual, llm_ids, llm_mask, decoding, eos_token_id, pad_token_id)
 
     def _itm(self, image: Tensor, text_ids: Tensor, text_mask: Tensor, sim_i2t: Tensor, sim_t2i: Tensor,
-             image_ids: Optional[Tensor], generator: Optional[torch.Generator]) -> dict[str, Tensor]:
+             image_ids: Optional[Tensor], generator: Optional[torch.Generator],
+             easy_share: float = 0.0) -> dict[str, Tensor]:
         """Batch of positives + hard negatives both ways -> ITM loss (Sec. 3.2)."""
         image_all = dist.all_gather_with_grad(image)  # (W*B, N, D_v), gradient flows back to every rank
         ids_all, mask_all = dist.all_gather_no_grad(text_ids), dist.all_gather_no_grad(text_mask)  # (W*B, T)
         ids_of_image_all = None if image_ids is None else dist.all_gather_no_grad(image_ids)
         positive = L.positive_pairs(text_ids, ids_all, dist.rank(), image_ids, ids_of_image_all)  # (B, W*B)
-        neg_img, neg_txt, ok_t, ok_i = L.sample_hard_negatives(sim_i2t, sim_t2i, positive, generator)
+        neg_img, neg_txt, ok_t, ok_i = L.sample_hard_negatives(sim_i2t, sim_t2i, positive, generator, easy_share)
         # (text, image) pairs: (pos, pos) | (pos text, hard neg image) | (hard neg text, pos image)
         pair_ids = torch.cat([text_ids, text_ids[ok_t], ids_all[neg_txt][ok_i]])  # (M, T)
         pair_mask = torch.cat([text_mask, text_mask[ok_t], mask_all[neg_txt][ok_i]])  # (M, T)

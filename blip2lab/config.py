@@ -241,6 +241,9 @@ class TrainConfig:
     # "name@step" entries make a loss join only from that step, e.g. ("itm@200", "itg@100")
     # for an ITC-first warm-up against ITM collapsing to its class prior early on.
     loss_schedule: tuple[str, ...] = ()
+    # A deviation, 0 in the paper: the share of ITM negatives drawn at random instead of by
+    # ITC hardness (losses.sample_hard_negatives), against the same collapse.
+    itm_easy_negatives: float = 0.0
     seed: int = 0
     log_every: int = 10
     out_dir: str = "runs/default"
@@ -255,6 +258,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum_steps"):
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0.0 <= self.itm_easy_negatives <= 1.0,
+               f"train.itm_easy_negatives must be in [0, 1], got {self.itm_easy_negatives}")
         _check(self.save_every >= 0 and self.max_bad_steps >= 0, "train.save_every and train.max_bad_steps must be >= 0")
         for entry in self.loss_schedule:
             name, _, step = entry.partition("@")

@@ -59,10 +59,17 @@ def positive_pairs(text_ids: Tensor, text_ids_all: Tensor, rank: int = 0,
 
 @torch.no_grad()
 def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, positive: Tensor,
-                          generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          generator: Optional[torch.Generator] = None,
+                          easy_share: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ITM hard-negative mining (BLIP2_REFERENCE.md Sec. 2): mask the positives, softmax each
     row of the (temperature-scaled) similarities, draw one negative per row with
     torch.multinomial. No gradient.
+
+    `easy_share` (a deviation, 0 in the paper): draw from the mixture
+    (1 - easy_share) * softmax + easy_share * uniform over the non-positives, so a share of
+    the negatives are random ones. In the shapes world ITC soon finds negatives that differ
+    from the positive in one attribute; a small Q-Former facing only those never leaves the
+    "no match" prior, while with some easy negatives it learns matching and then the hard ones.
 
     Returns neg_image_for_text (B,), neg_text_for_image (B,) as indices into the gathered
     batch, and valid_text (B,), valid_image (B,): False where a row has no negative at all
@@ -72,6 +79,9 @@ def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, positive: Tensor,
         sim = sim.float().masked_fill(positive, float("-inf"))  # (B, W*B)
         valid = torch.isfinite(sim).any(dim=1)  # (B,)
         weights = torch.softmax(sim[valid], dim=1)
+        if easy_share > 0:
+            allowed = torch.isfinite(sim[valid]).float()
+            weights = (1 - easy_share) * weights + easy_share * allowed / allowed.sum(dim=1, keepdim=True)
         picks = torch.zeros(sim.shape[0], dtype=torch.long, device=sim.device)
         if valid.any():
             picks[valid] = torch.multinomial(weights, 1, generator=generator).squeeze(1)

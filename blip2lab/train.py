@@ -222,6 +222,8 @@ def train(
     scheduled = "losses" not in loss_kwargs  # the caller's own `losses` wins over the schedule
     if "label_smoothing" not in loss_kwargs and any(n in cfg.losses for n in ("itc", "itg")):
         loss_kwargs["label_smoothing"] = cfg.label_smoothing
+    if "itm_easy_negatives" not in loss_kwargs and "itm" in cfg.losses and cfg.itm_easy_negatives > 0:
+        loss_kwargs["itm_easy_negatives"] = cfg.itm_easy_negatives
     accepts_generator = _accepts(model, "generator") and "generator" not in loss_kwargs
     state = LoopState()
     if resume:

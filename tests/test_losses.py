@@ -81,6 +81,25 @@ def test_hard_negatives_follow_similarity():
     assert neg_img.tolist() == [1, 2, 0] and neg_txt.tolist() == [1, 2, 0]
 
 
+def test_easy_negative_share_mixes_in_uniform_draws():
+    """easy_share=0: the hardest negative nearly always; easy_share=0.5: each of the two
+    other candidates about half of 1/2 the time plus the hard share; never a positive."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.eye(3, dtype=torch.bool).repeat(1, 1)
+    sim = torch.tensor([[0.0, 30.0, -30.0]] * 3)
+    sim[1] = torch.tensor([30.0, 0.0, -30.0])
+    sim[2] = torch.tensor([30.0, -30.0, 0.0])
+    counts = {0.0: torch.zeros(3), 0.5: torch.zeros(3)}
+    for share in counts:
+        for _ in range(2000):
+            neg_img, _, _, _ = L.sample_hard_negatives(sim, sim, pos, g, easy_share=share)
+            assert not pos[torch.arange(3), neg_img].any()
+            counts[share][neg_img[0]] += 1  # row 0: hard = 1, easy = 2
+    assert counts[0.0][2] == 0
+    # P(easy) = 0.5 * 1/2 = 0.25 under the mixture
+    assert abs(counts[0.5][2].item() / 2000 - 0.25) < 0.04
+
+
 def test_hard_negatives_rows_without_any_negative():
     """Batch of one, or all captions equal: no negative exists, so none is invented."""
     g = torch.Generator().manual_seed(0)

@@ -53,6 +53,7 @@ class ShapesPreset:
     stage1_lr: float = 5e-4
     stage1_losses: tuple[str, ...] = ("itc", "itm", "itg")
     stage1_loss_schedule: tuple[str, ...] = ()  # e.g. ("itm@200",): ITC-first warm-up (train.loss_schedule)
+    stage1_itm_easy_negatives: float = 0.0  # share of random ITM negatives (train.itm_easy_negatives)
     stage2_steps: int = 1500
     stage2_batch: int = 32
     stage2_lr: float = 5e-4
@@ -201,6 +202,7 @@ def stage2_collate(processor: Blip2Processor):
 def _train_cfg(preset: ShapesPreset, stage: int, seed: int) -> TrainConfig:
     if stage == 1:
         return TrainConfig(stage=1, losses=preset.stage1_losses, loss_schedule=preset.stage1_loss_schedule,
+                           itm_easy_negatives=preset.stage1_itm_easy_negatives,
                            lr=preset.stage1_lr, min_lr=preset.stage1_lr / 10,
                            warmup_steps=preset.warmup, max_steps=preset.stage1_steps, batch_size=preset.stage1_batch,
                            seed=seed, out_dir="")
