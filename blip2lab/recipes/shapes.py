@@ -13,6 +13,8 @@ identical), so stage 1 never runs the ViT again.
 
 Deviations from the paper, each a preset field (defaults follow the paper where it applies):
 - the Q-Former is small (width 128, 4 layers, 8 queries) to train on a CPU in minutes;
+- half of stage 1's ITM negatives are random ones (`stage1_itm_easy_negatives`), not all
+  hard: with hard ones only, the small Q-Former's ITM never leaves its class prior;
 - stage 2 may mix VQA examples into the captioning data (`stage2_vqa_fraction`); the
   paper's zero-shot setting is `stage2_vqa_fraction=0` (captions only).
 """
@@ -65,7 +67,9 @@ class ShapesPreset:
 PRESETS = {
     "tiny": ShapesPreset("tiny", n_train=512, n_eval=32, gallery=64, stage1_steps=20, stage1_batch=16,
                          stage2_steps=20, stage2_batch=8, warmup=5, k_test=4),
-    "default": ShapesPreset("default"),
+    # Half the ITM negatives random: with hard negatives only, ITM sits at its class prior
+    # (see losses.sample_hard_negatives); the paper's setting is stage1_itm_easy_negatives=0.
+    "default": ShapesPreset("default", stage1_itm_easy_negatives=0.5),
 }
 
 
