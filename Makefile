@@ -1,5 +1,6 @@
 # blip2lab Makefile. `make test` on a fresh clone creates .venv, installs the
-# project with its test extra, and runs the whole suite.
+# project with its test extra, and runs the whole suite. `make app` starts the Gradio
+# app (the test extra includes the app's, so one .venv serves both).
 
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench clean
+.PHONY: venv test bench app clean
 
 venv: $(STAMP)
 
@@ -15,8 +16,10 @@ venv: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# (Re)install whenever pyproject.toml changes.
+# (Re)install whenever pyproject.toml changes. The browser tests drive Debian's Chromium
+# (never a browser downloaded by playwright); install it when missing (needs root).
 $(STAMP): pyproject.toml | $(PY)
+	command -v chromium >/dev/null 2>&1 || apt-get install -y chromium || (apt-get update && apt-get install -y chromium)
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
@@ -25,6 +28,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/qformer.py
+
+# The Gradio app on http://127.0.0.1:7860 (BLIP2LAB_MODEL, BLIP2LAB_PORT, ...: see app.py).
+app: $(STAMP)
+	$(PY) app.py
 
 # Removes build artefacts and caches; keeps .venv (delete it by hand to rebuild).
 clean:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .blip2 import Blip2
+from .explain import CrossAttentionMaps, GradCam, cross_attention_maps, itm_gradcam
 from .generation import DecodingConfig
 from .processor import Blip2Processor, tokenizer_from_path
 from .weights import CONFIG_NAME, load_pretrained, save_pretrained
@@ -163,6 +164,25 @@ class Blip2Pipeline:
         model, proc = self._scorer()
         t = {k: v.to(self.device) for k, v in proc.qformer_text([texts] if isinstance(texts, str) else texts).items()}
         return model.text_features(t["text_ids"], t["text_mask"]).proj
+
+    # -- where the Q-Former looks (blip2lab.explain) ------------------------------------------
+
+    @torch.no_grad()
+    def attention_maps(self, image: Any) -> CrossAttentionMaps:
+        """The queries' cross-attention over one image's patches, every layer and head (the
+        queries the LLM is shown, or the ITC image side of a stage-1 model)."""
+        return cross_attention_maps(self.model, self._image([image]))
+
+    def gradcam(self, image: Any, text: str, layer: Optional[int] = None) -> GradCam:
+        """Grad-CAM of the ITM score of (image, text), per word, at one cross-attention layer."""
+        model, proc = self._scorer()
+        t = {k: v.to(self.device) for k, v in proc.qformer_text([text]).items()}
+        tok = proc.qformer_tokenizer
+        tokens = tok.convert_ids_to_tokens(t["text_ids"][0].tolist())
+        special = {tok.cls_token, tok.sep_token, tok.pad_token, "[DEC]"}
+        with torch.no_grad():
+            image_tokens = self._image([image], model)  # (1, N, D_v); the gradient starts at ln_vision's output
+        return itm_gradcam(model, image_tokens, t["text_ids"], t["text_mask"], tokens, special, layer)
 
     # -- persistence -----------------------------------------------------------------------
 

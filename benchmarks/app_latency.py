@@ -1,0 +1,148 @@
+"""Latency of the Gradio app as a user sees it: `python app.py` in a subprocess, timed
+over HTTP with gradio_client (the round trip, file transfers included).
+
+    python benchmarks/app_latency.py                       # shapes-opt, 1 torch thread, 1,000 scenes
+    python benchmarks/app_latency.py --model PATH --threads 2 --repeats 20
+
+Prints: cold start (process start -> first answered chat request), then the median and
+90th percentile of chat (one turn, the Chat tab's defaults: beam 5, <= 10 new tokens),
+caption + maps (caption, every query's cross-attention maps, Grad-CAM of the caption)
+and search (text -> image over the gallery of 1,000 test scenes + the shipped examples,
+ITC then ITM re-rank of the top 8; and image -> text). Goals from issue 5: cold start
+<= 10 s, chat <= 0.5 s, caption with maps <= 1.5 s, search over 1,000 images <= 0.3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets" / "examples"
+DECODING = ["beam search", 5, 10, 0, 1.0, 0.9, -1.0, 1.0, 0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(fn, repeats: int) -> dict:
+    fn()  # warm-up, not counted
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median_s": statistics.median(times), "p90_s": times[int(0.9 * (len(times) - 1))], "n": repeats}
+
+
+def handler_latency(args) -> dict:
+    """The app's handlers in this process: what the server spends per request."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import app
+
+    torch.set_num_threads(args.threads)
+    loaded = app.setup(app.Settings(model=args.model, gallery_size=args.gallery))
+    loaded.base_ready.wait()
+    image, three = str(ASSETS / "red-circle.png"), str(ASSETS / "three-shapes.png")
+    session = app.new_session_gallery()
+    return {
+        "chat": timed(lambda: app.chat({"text": "what color is the circle?", "files": [image]}, app.new_chat(),
+                                       *DECODING), args.repeats),
+        "caption_maps": timed(lambda: app.caption_maps(three), args.repeats),
+        "search_text_to_image": timed(lambda: app.search("text → image", "a small green circle on the top right",
+                                                         None, "ITC + ITM re-rank", 8, session), args.repeats),
+        "search_image_to_text": timed(lambda: app.search("image → text", "", three, "ITC + ITM re-rank", 8,
+                                                         session), args.repeats),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=os.environ.get("BLIP2LAB_MODEL", "shapes-opt"))
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of the app")
+    parser.add_argument("--gallery", type=int, default=1000, help="shapes test scenes in the search gallery")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--no-inprocess", dest="inprocess", action="store_false",
+                        help="skip timing the handlers in this process")
+    args = parser.parse_args()
+
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "BLIP2LAB_MODEL": args.model, "BLIP2LAB_PORT": str(port), "BLIP2LAB_HOST": "127.0.0.1",
+           "BLIP2LAB_THREADS": str(args.threads), "BLIP2LAB_GALLERY_SIZE": str(args.gallery),
+           "BLIP2LAB_DEVICE": "cpu", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        client = None
+        while client is None:
+            if proc.poll() is not None:
+                raise SystemExit(f"app.py exited with {proc.returncode}; see {log.name}")
+            try:
+                client = Client(url, verbose=False)
+            except Exception:
+                time.sleep(0.05)
+        listening = time.perf_counter() - start
+        image = handle_file(str(ASSETS / "red-circle.png"))
+        client.predict({"text": "what color is the circle?", "files": [image]}, *DECODING, api_name="/chat")
+        cold = time.perf_counter() - start
+
+        three = handle_file(str(ASSETS / "three-shapes.png"))
+        results = {
+            "model": args.model, "threads": args.threads,
+            "cold_start_s": cold, "listening_s": listening,
+            "chat": timed(lambda: client.predict({"text": "what color is the circle?", "files": [image]}, *DECODING,
+                                                 api_name="/chat"), args.repeats),
+            "caption_maps": timed(lambda: client.predict(three, "all", "all", "mean", "all", "", "last",
+                                                         api_name="/caption_maps"), args.repeats),
+        }
+        _, _, status = client.predict("text → image", "a large red circle on the top left", None,
+                                      "ITC + ITM re-rank", 8, api_name="/search")  # waits for the index
+        results["search_gallery"] = status
+        results["search_text_to_image"] = timed(lambda: client.predict(
+            "text → image", "a small green circle on the top right", None, "ITC + ITM re-rank", 8,
+            api_name="/search"), args.repeats)
+        results["search_image_to_text"] = timed(lambda: client.predict(
+            "image → text", "", three, "ITC + ITM re-rank", 8, api_name="/search"), args.repeats)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+    print(f"model {results['model']}, {results['threads']} torch thread(s), CPU")
+    print(f"cold start (python app.py -> first chat answer): {results['cold_start_s']:.2f} s "
+          f"(listening after {results['listening_s']:.2f} s)")
+    for name in ("chat", "caption_maps", "search_text_to_image", "search_image_to_text"):
+        r = results[name]
+        print(f"{name:22s} median {r['median_s'] * 1000:7.1f} ms   p90 {r['p90_s'] * 1000:7.1f} ms   (n={r['n']})")
+    print(f"search gallery: {results['search_gallery']}")
+    if args.inprocess:
+        results["handlers"] = handler_latency(args)
+        print("the same handlers called in-process (model + rendering, no HTTP or file transfer):")
+        for name, r in results["handlers"].items():
+            print(f"  {name:20s} median {r['median_s'] * 1000:7.1f} ms   p90 {r['p90_s'] * 1000:7.1f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
