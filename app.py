@@ -636,8 +636,9 @@ def _add_images(session: dict, images: list[Image.Image], keys: list[str]) -> No
     loaded = app()
     with loaded.lock:
         session["gallery"].add_images(loaded.pipe, images, keys)
+    side = max(160, loaded.pipe.processor.image_size)  # a result clicked is searched by at full model resolution
     for key, image in zip(keys, images):
-        session["thumbs"][key] = _thumb(image)
+        session["thumbs"][key] = _thumb(image, side)
 
 
 def _gallery_status(session: dict, note: str = "") -> str:
@@ -1004,6 +1005,7 @@ def build_demo() -> gr.Blocks:
                         search_btn = gr.Button("Search", variant="primary")
                         gr.Examples([["a small green circle on the top right"], ["a large blue square on the top middle"],
                                      ["a purple triangle"]], inputs=[search_text], label="Text examples")
+                        gr.Examples([[ex[n]] for n in EXAMPLES], inputs=[search_image], label="Image examples")
                     with gr.Column(scale=2):
                         results = gr.Gallery(label="Images (click one to search by it)", columns=4, height=300,
                                              allow_preview=False, elem_id="search-results", elem_classes="pixelated")

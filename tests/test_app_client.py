@@ -56,6 +56,8 @@ def images(tmp_path_factory):
     (tmp / "corrupt.png").write_bytes((ASSETS / "three-shapes.png").read_bytes()[:200])
     out["corrupt"] = tmp / "corrupt.png"
     Image.new("L", (8000, 8000)).save(out.setdefault("huge", tmp / "huge.png"))  # 64 M pixels, ~60 kB
+    out["big"] = tmp / "big.png"
+    out["big"].write_bytes(np.random.default_rng(0).bytes(11 * 2**20))  # over the 10 MB upload limit
     return out
 
 
@@ -184,6 +186,8 @@ def test_bad_input_gets_a_friendly_error_and_the_app_keeps_serving(client, image
     for name, match in (("text", "not an image"), ("corrupt", "not an image"), ("huge", "too large")):
         with pytest.raises(AppError, match=match):
             chat(client, "what is it?", images[name])
+    with pytest.raises(Exception, match="413|too large|exceeds"):  # refused at upload, before any handler
+        chat(client, "what is it?", images["big"])
     with pytest.raises(AppError, match="Add an image first"):
         client.predict(None, "all", "all", "mean", "all", "", "last", api_name="/caption_maps")
     for name in ("grey", "rgba"):  # converted, answered
