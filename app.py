@@ -820,11 +820,15 @@ def model_info() -> str:
     q = m.config.qformer
     can = ["caption"] + (["answer / chat"] if m.llm is not None else []) + (
         ["match / search / Grad-CAM"] if loaded.can_match else [])
-    return (f"**{loaded.name}** on `{loaded.pipe.device}`: {sum(p.numel() for p in m.parameters()) / 1e6:.3f}M "
+    text = (f"**{loaded.name}** on `{loaded.pipe.device}`: {sum(p.numel() for p in m.parameters()) / 1e6:.3f}M "
             f"parameters.\n\n| part | parameters |\n|---|---|\n{rows}\n\n"
             f"Image side {m.config.vision.image_size} px, {m.config.vision.num_tokens} image tokens; Q-Former "
             f"{q.num_layers} layers x {q.num_heads} heads, {q.num_queries} queries, cross-attention on layers "
             f"{cross_layers()}. Can: {', '.join(can)}.")
+    folder = PRESETS.get(loaded.name)  # a shipped model says how it scores, next to its weights
+    if folder is not None and (folder / "eval.json").is_file():
+        text += f"\n\nIts evaluation (`{folder.name}/eval.json`):\n```json\n{(folder / 'eval.json').read_text()[:4000]}\n```"
+    return text
 
 
 def cross_layers() -> list[int]:
@@ -1096,7 +1100,8 @@ def build_demo() -> gr.Blocks:
                     retrieval = gr.Textbox(label="Retrieval model (optional: ITC/ITM heads for a stage-2 "
                                                  "checkpoint, e.g. Salesforce/blip2-itm-vit-g)")
                 load_btn = gr.Button("Load (for everyone using this app)")
-                gr.Examples([[n] for n in sorted(PRESETS)] or [[loaded.name]], inputs=[model_name], label="Shipped")
+                if PRESETS:
+                    gr.Examples([[n] for n in sorted(PRESETS)], inputs=[model_name], label="Shipped")
                 load_btn.click(switch_model, [model_name, retrieval], [info, header, layer, head, query, cam_layer],
                                api_name="load_model")
                 refresh = gr.Button("Refresh", size="sm")
