@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench app clean
+.PHONY: venv test bench app lab clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
+# The tests, then every notebook executed top to bottom in small mode (nbmake).
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	BLIP2LAB_SMALL=1 $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/qformer.py
@@ -33,7 +34,16 @@ bench: $(STAMP)
 app: $(STAMP)
 	$(PY) app.py
 
+# JupyterLab on the notebooks, the project installed with its lab extra (jupytext pairs
+# each .py with its .ipynb; BLIP2LAB_SMALL=0 in the environment runs them at full size).
+$(VENV)/.lab-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[lab]'
+	touch $@
+
+lab: $(VENV)/.lab-installed
+	$(VENV)/bin/jupyter lab notebooks/
+
 # Removes build artefacts and caches; keeps .venv (delete it by hand to rebuild).
 clean:
-	rm -rf build dist *.egg-info .pytest_cache $(STAMP)
+	rm -rf build dist *.egg-info .pytest_cache $(STAMP) $(VENV)/.lab-installed
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,0 +1,263 @@
+"""Measurements the notebooks make on models and maps, kept here so they are tested and
+shared rather than pasted into cells.
+
+- `parameter_counts`: a model's parameters per box of the paper's Figure 2 (the Q-Former
+  split into its parts), trainable or frozen.
+- `trace_shapes`: one forward pass with the output shape of every named submodule.
+- `box_cover`, `mass_in_box`: how much of a patch-grid map falls inside an object's box,
+  and what a uniform map would put there (the chance level).
+- `localisation`: over many scenes, whether the Q-Former's cross-attention and the ITM
+  Grad-CAM (`blip2lab.explain`) land on the object a text names.
+- `image_neighbours`: nearest-neighbour image retrieval with the frozen tower alone.
+
+Shape legend: g patch grid side, Q queries, N image tokens (1 + g*g), D_v image width.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data import shapes as world
+
+__all__ = ["parameter_counts", "trace_shapes", "box_cover", "mass_in_box", "localisation", "summarise_localisation",
+           "image_neighbours", "shared_attributes", "altered_scene"]
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters and shapes
+# ---------------------------------------------------------------------------------------
+
+# Q-Former parameter names -> the part of the figure they belong to (first match wins).
+_QFORMER_PARTS = (
+    ("query_tokens", "learned queries"),
+    ("word_embeddings", "text embeddings (word + position + LayerNorm)"),
+    ("position_embeddings", "text embeddings (word + position + LayerNorm)"),
+    ("layernorm", "text embeddings (word + position + LayerNorm)"),
+    (".self_attn.", "self-attention (shared by queries and text)"),
+    (".cross_attn.", "cross-attention (queries -> image)"),
+    (".query_ffn.", "query feed-forward"),
+    (".text_ffn.", "text feed-forward"),
+    ("lm_head.", "ITG / LM head (decoder tied to the word embeddings)"),
+)
+
+
+def parameter_counts(model: nn.Module) -> "OrderedDict[str, dict[str, int]]":
+    """{part: {"params", "trainable"}} for a `Blip2`: the frozen image encoder, ln_vision, the
+    Q-Former's parts, the stage-1 heads, the LLM projection and the frozen LLM. A tied weight
+    is counted once, in the part that owns it (the word embeddings)."""
+    out: "OrderedDict[str, dict[str, int]]" = OrderedDict()
+
+    def add(part: str, p: Tensor) -> None:
+        row = out.setdefault(part, {"params": 0, "trainable": 0})
+        row["params"] += p.numel()
+        row["trainable"] += p.numel() if p.requires_grad else 0
+
+    for name, p in model.named_parameters():  # named_parameters skips tied duplicates
+        if name.startswith("image_encoder."):
+            part = "frozen image encoder"
+        elif name.startswith("ln_vision."):
+            part = "ln_vision"
+        elif name.startswith("qformer."):
+            part = next((f"Q-Former: {label}" for key, label in _QFORMER_PARTS if key in name), "Q-Former: other")
+        elif name.split(".")[0] in ("vision_proj", "text_proj", "itm_head", "temp"):
+            part = "stage-1 heads (ITC projections, ITM head, temperature)"
+        elif name.startswith("llm.projection."):
+            part = "LLM projection (Q-Former -> LLM width)"
+        elif name.startswith("llm."):
+            part = "frozen LLM"
+        else:
+            part = "other"
+        add(part, p)
+    return out
+
+
+def trace_shapes(model: nn.Module, run: Callable[[], Any], depth: int = 3,
+                 skip: Sequence[str] = ("image_encoder.", "llm.model.")) -> list[tuple[str, str, tuple]]:
+    """Run `run()` (a forward pass through `model`) with hooks on every submodule at most
+    `depth` names deep (not under `skip`, e.g. the frozen towers' insides) and return
+    (module name, class, output shape) in call order. Tuple/dataclass outputs report their
+    first tensor."""
+    records: list[tuple[str, str, tuple]] = []
+    handles = []
+
+    def first_tensor(x: Any) -> Optional[Tensor]:
+        if isinstance(x, Tensor):
+            return x
+        if isinstance(x, (tuple, list)):
+            return next((t for t in map(first_tensor, x) if t is not None), None)
+        if hasattr(x, "__dataclass_fields__"):
+            return next((t for t in map(first_tensor, vars(x).values()) if t is not None), None)
+        return None
+
+    for name, module in model.named_modules():
+        if not name or name.count(".") >= depth or any(name.startswith(s) for s in skip):
+            continue
+
+        def hook(mod, args, output, name=name):
+            t = first_tensor(output)
+            records.append((name, type(mod).__name__, tuple(t.shape) if t is not None else ()))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+# ---------------------------------------------------------------------------------------
+# Maps and boxes
+# ---------------------------------------------------------------------------------------
+
+
+def box_cover(box: Sequence[float], image_size: int, grid: int) -> np.ndarray:
+    """(g, g) share of each patch's area inside `box` = (x0, y0, x1, y1) in pixels of an
+    image of side `image_size` cut into g x g patches (rows = y, columns = x)."""
+    edges = np.linspace(0.0, float(image_size), grid + 1)  # (g + 1,) patch edges in pixels
+    x0, y0, x1, y1 = box
+
+    def overlap(a: float, b: float) -> np.ndarray:  # (g,) share of each patch interval inside [a, b]
+        return np.clip(np.minimum(edges[1:], b) - np.maximum(edges[:-1], a), 0.0, None) / (edges[1] - edges[0])
+
+    return np.outer(overlap(y0, y1), overlap(x0, x1))  # (g, g)
+
+
+def mass_in_box(heat: Tensor | np.ndarray, box: Sequence[float], image_size: int) -> tuple[float, float]:
+    """(share of the map's mass inside `box`, the share a uniform map would put there).
+    `heat`: a non-negative (g, g) map over the patches; patches cut by the box edge count
+    by the fraction of their area inside it. A map with no mass gives (0, chance)."""
+    h = np.clip(np.asarray(heat, dtype=np.float64), 0.0, None)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"heat must be a square (g, g) map, got shape {h.shape}")
+    cover = box_cover(box, image_size, h.shape[0])  # (g, g)
+    total = h.sum()
+    chance = float(cover.sum() / cover.size)
+    return (float((h * cover).sum() / total) if total > 0 else 0.0), chance
+
+
+def _unique_objects(scene: world.Scene) -> list[world.ShapeObject]:
+    """Objects whose (colour, shape) is unique in their scene: "a red circle" names one thing."""
+    combos = [o.combo for o in scene.objects]
+    return [o for o in scene.ordered if combos.count(o.combo) == 1]
+
+
+def localisation(pipe, scenes: Sequence[world.Scene], layer: Optional[int] = None,
+                 texts: Sequence[str] = ("name", "phrase"), max_objects: Optional[int] = None) -> list[dict]:
+    """Where the maps of `blip2lab.explain` put their mass, object by object.
+
+    For every object of every scene (those with a colour-shape pair unique in the scene):
+    - Grad-CAM of the ITM score for a text naming it (`pipe.gradcam`; whole-text map, the
+      queries' maps summed): "name" = "a red circle", "phrase" = "a small red circle on the
+      top left"; its mass inside this object's box, inside the other objects' boxes (the
+      map should not be there), and the uniform-map chance level;
+    - the queries' cross-attention (`pipe.attention_maps`, heads and cross-attention layers
+      averaged): the largest mass any query puts inside the box, and the mean over queries.
+
+    Returns one dict per object; `summarise_localisation` averages them."""
+    rows = []
+    for si, scene in enumerate(scenes):
+        image = world.render(scene)
+        maps = pipe.attention_maps(image).select(layer=layer)  # (Q, g, g), heads averaged
+        size = scene.image_size
+        for obj in _unique_objects(scene):
+            others = [o for o in scene.objects if o is not obj]
+            row: dict[str, Any] = {"scene": si, "object": f"{obj.size} {obj.color} {obj.shape}",
+                                   "n_objects": len(scene.objects), "held_out": obj.combo in world.HELD_OUT}
+            per_query = [mass_in_box(m, obj.box, size) for m in maps]
+            row["xattn_max_query"] = max(m for m, _ in per_query)
+            row["xattn_mean_query"] = float(np.mean([m for m, _ in per_query]))
+            row["chance"] = per_query[0][1]
+            for kind in texts:
+                text = f"a {obj.color} {obj.shape}" if kind == "name" else obj.phrase()
+                cam = pipe.gradcam(image, text, layer=layer)
+                row[f"gradcam_{kind}"] = mass_in_box(cam.text_map, obj.box, size)[0]
+                if others:  # mass on the other objects, per unit of their area, scaled to this box's area
+                    other = [mass_in_box(cam.text_map, o.box, size) for o in others]
+                    row[f"gradcam_{kind}_others"] = float(np.mean([m / c for m, c in other])) * row["chance"]
+                row[f"itm_prob_{kind}"] = cam.itm_prob
+            rows.append(row)
+            if max_objects is not None and len(rows) >= max_objects:
+                return rows
+    return rows
+
+
+def summarise_localisation(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Mean and standard error of every numeric column of `localisation`'s rows (missing
+    values skipped), plus the count."""
+    out: dict[str, dict[str, float]] = {}
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)] if rows else []
+    for k in keys:
+        vals = np.array([r[k] for r in rows if k in r], dtype=np.float64)
+        out[k] = {"mean": float(vals.mean()), "sem": float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1
+                  else 0.0, "n": int(len(vals))}
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The frozen tower on its own
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def image_neighbours(encoder: nn.Module, scenes: Sequence[world.Scene], k: int = 5,
+                     pool: str = "patches") -> tuple[Tensor, Tensor]:
+    """Nearest neighbours of every scene among the others by the cosine of the frozen
+    tower's tokens: "patches" (all patch tokens in grid order, so where things are counts),
+    "mean" (mean over patches: what, not where) or "cls". Returns (indices (n, k), cosines (n, k))."""
+    from .backbones.vision import encode_scenes
+
+    tokens = encode_scenes(encoder, scenes)  # (n, N, D_v)
+    if pool not in ("patches", "mean", "cls"):
+        raise ValueError(f"pool must be 'patches', 'mean' or 'cls', got {pool!r}")
+    feats = {"patches": lambda: tokens[:, 1:].flatten(1),  # (n, (N - 1) D_v)
+             "mean": lambda: tokens[:, 1:].mean(dim=1), "cls": lambda: tokens[:, 0]}[pool]()  # (n, D_v)
+    feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+    sim = feats @ feats.T  # (n, n)
+    sim.fill_diagonal_(float("-inf"))
+    top = sim.topk(min(k, len(scenes) - 1), dim=1)
+    return top.indices, top.values
+
+
+def shared_attributes(a: world.Scene, b: world.Scene) -> dict[str, float]:
+    """How alike two scenes are: the share of cells whose occupancy agrees, and among cells
+    occupied in both, the share with the same shape / colour / size."""
+    cells = {o.cell: o for o in a.objects}, {o.cell: o for o in b.objects}
+    all_cells = [(r, c) for r in range(len(world.ROWS)) for c in range(len(world.COLUMNS))]
+    occupancy = np.mean([(c in cells[0]) == (c in cells[1]) for c in all_cells])
+    both = [c for c in cells[0] if c in cells[1]]
+    out = {"occupancy": float(occupancy)}
+    for attr in ("shape", "color", "size"):
+        out[attr] = float(np.mean([getattr(cells[0][c], attr) == getattr(cells[1][c], attr) for c in both])) \
+            if both else float("nan")
+    return out
+
+
+
+def altered_scene(scene: world.Scene, rng: random.Random, attribute: Optional[str] = None) -> world.Scene:
+    """The scene with one attribute of one object changed (shape, color, size, or position
+    to a free cell): a hard negative whose caption differs from the scene's by one fact."""
+    attribute = attribute or rng.choice(("shape", "color", "size", "position"))
+    objects = list(scene.objects)
+    i = rng.randrange(len(objects))
+    o = objects[i]
+    fields = {"shape": o.shape, "color": o.color, "size": o.size, "row": o.row, "column": o.column}
+    if attribute == "position":
+        free = [(r, c) for r in world.ROWS for c in world.COLUMNS
+                if (world.ROWS.index(r), world.COLUMNS.index(c)) not in {x.cell for x in objects}]
+        if not free:
+            return altered_scene(scene, rng, "color")
+        fields["row"], fields["column"] = rng.choice(free)
+    else:
+        choices = {"shape": world.SHAPES, "color": tuple(world.COLORS), "size": world.SIZES}[attribute]
+        fields[attribute] = rng.choice([v for v in choices if v != fields[attribute]])
+    objects[i] = world.place_object(fields["shape"], fields["color"], fields["size"], fields["row"],
+                                    fields["column"], image_size=scene.image_size)
+    return world.Scene(objects=objects, image_size=scene.image_size)

@@ -1,0 +1,400 @@
+"""Sweeps over the shapes recipe: the paper's ablations and a few it does not run.
+
+    figure5    stage 2 with and without stage 1 (paper Figure 5): caption quality and VQA
+               accuracy against stage-2 steps, per LLM family and seed
+    table6     stage-1 losses (paper Table 6 and more): ITC, ITC+ITM, ITC+ITM+ITG, retrieval
+               recall@1/5 both ways, ITC alone and ITM re-ranked, per seed
+    queries    number of learned queries (1, 4, 8, 32): retrieval, captions, VQA
+    encoders   a weaker vs the shipped frozen image encoder (an untrained tower, a briefly
+               pretrained one): its linear probe, then retrieval, captions, VQA
+    llm_size   a smaller vs a shipped-size frozen OPT pretrained for the same steps (and the
+               shipped OPT): in-context QA before BLIP-2, then captions and VQA after stage 2
+
+Each writes `<name>.json` (the settings, timings and every row) and `<name>.csv` (the rows)
+into `out_dir` and returns the rows; the notebooks plot them and the README quotes them.
+
+    python -m blip2lab.recipes.ablations figure5 --out notebooks/results --seeds 0,1,2 \\
+        --set stage1_steps=200 stage2_steps=200
+
+Everything is built from the same pieces as `recipes.shapes` (config, frozen backbones,
+datasets, the one training loop), with two differences that only save time: the frozen
+features of the training scenes are computed once per image encoder and shared by every run
+of a sweep, and curves are measured during one stage-2 run (the loop's `on_step`) instead
+of by separate runs of each length. Every new parameter is drawn after
+`torch.manual_seed(seed)`; the evaluation scenes are the same for every seed (`eval_seed`),
+so the spread across seeds is the spread of training alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..blip2 import Blip2
+from ..data import shapes as world
+from ..pipeline import Blip2Pipeline
+from ..train import BatchStream, train
+from . import shapes as R
+
+__all__ = ["Run", "train_features", "run_stage1", "stage2_model", "run_stage2", "quick_eval", "retrieval",
+           "figure5", "table6", "queries", "encoders", "llm_size", "mean_sd", "write_rows", "SWEEPS"]
+
+
+@dataclass
+class Run:
+    """One trained model of a sweep."""
+
+    pipe: Blip2Pipeline
+    history: list[dict]  # every step's logged losses
+    curve: list[dict] = field(default_factory=list)  # evaluations during training
+    seconds: float = 0.0  # training wall time (evaluations during training excluded)
+
+
+# ---------------------------------------------------------------------------------------
+# Training pieces
+# ---------------------------------------------------------------------------------------
+
+_FEATURES: dict[tuple, tuple[list, torch.Tensor]] = {}
+
+
+def train_features(preset: R.ShapesPreset, seed: int, backbones: Path = R.BACKBONES) -> tuple[list, torch.Tensor]:
+    """(training scenes, their frozen features (n, N, D_v) fp16), computed once per
+    (image encoder, n_train, seed) in this process."""
+    key = (str(Path(backbones).resolve() / "vit"), preset.n_train, seed)
+    if key not in _FEATURES:
+        config = R.shapes_config(None, preset, backbones)
+        model = R.build_model(config, backbones)
+        scenes = R._train_scenes(preset, seed)
+        _FEATURES[key] = scenes, R.cache_features(model, scenes, R.processor_for(config, backbones))
+    return _FEATURES[key]
+
+
+def _build(kind: Optional[R.LLMKind], preset: R.ShapesPreset, seed: int, backbones: Path) -> tuple[Blip2, object]:
+    config = R.shapes_config(kind, preset, backbones)
+    torch.manual_seed(seed)  # the fresh parameters (queries, cross-attention, heads, projection)
+    return R.build_model(config, backbones), R.processor_for(config, backbones)
+
+
+def _fit(model: Blip2, processor, data, stage: int, preset: R.ShapesPreset, seed: int,
+         eval_at: Sequence[int], eval_fn: Optional[Callable[[Blip2Pipeline], dict]], progress: bool) -> Run:
+    pipe = Blip2Pipeline(model, processor)
+    model.train()
+    curve: list[dict] = []
+    spent = [0.0]
+
+    def on_step(step: int, logs: dict) -> None:
+        if eval_fn is not None and step + 1 in eval_at:
+            t = time.perf_counter()
+            model.eval()
+            curve.append({"step": step + 1, **eval_fn(pipe)})
+            model.train()
+            spent[0] += time.perf_counter() - t
+
+    start = time.perf_counter()
+    history = train(model, data, R._train_cfg(preset, stage, seed), on_step=on_step, progress=progress)
+    model.eval()
+    return Run(pipe, history, curve, time.perf_counter() - start - spent[0])
+
+
+def run_stage1(preset: R.ShapesPreset, seed: int = 0, backbones: Path = R.BACKBONES, progress: bool = False) -> Run:
+    """Stage 1 with `preset.stage1_losses` (ITC / ITM / ITG) from the BERT-initialised Q-Former."""
+    model, processor = _build(None, preset, seed, backbones)
+    scenes, feats = train_features(preset, seed, backbones)
+    data = BatchStream(R.Stage1Data(feats, scenes, seed), preset.stage1_batch, R.stage1_collate(processor), seed=seed)
+    return _fit(model, processor, data, 1, preset, seed, (), None, progress)
+
+
+def stage2_model(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run], seed: int = 0,
+                 backbones: Path = R.BACKBONES) -> tuple[Blip2, object]:
+    """(model, processor) as stage 2 starts: the frozen LLM, a fresh LLM projection, and the
+    Q-Former, ln_vision and heads of `stage1` (or of BERT when None)."""
+    model, processor = _build(kind, preset, seed, backbones)
+    if stage1 is not None:
+        state = {k: v for k, v in stage1.pipe.model.state_dict().items() if not k.startswith("image_encoder.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not (k.startswith("llm.") or k.startswith("image_encoder.")) for k in missing):
+            raise RuntimeError(f"stage-1 model does not fit: unexpected {unexpected}, missing {missing}")
+    return model.eval(), processor
+
+
+def run_stage2(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run], seed: int = 0,
+               backbones: Path = R.BACKBONES, eval_at: Sequence[int] = (),
+               eval_fn: Optional[Callable[[Blip2Pipeline], dict]] = None, progress: bool = False) -> Run:
+    """Stage 2 on one LLM family, starting from `stage1`'s Q-Former, ln_vision and heads, or
+    (None) from the BERT-initialised Q-Former: the paper's "w/o representation learning"."""
+    model, processor = stage2_model(preset, kind, stage1, seed, backbones)
+    scenes, feats = train_features(preset, seed, backbones)
+    data = BatchStream(R.Stage2Data(feats, scenes, preset.stage2_vqa_fraction, seed), preset.stage2_batch,
+                       R.stage2_collate(processor), seed=seed)
+    return _fit(model, processor, data, 2, preset, seed, eval_at, eval_fn, progress)
+
+
+# ---------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------
+
+
+def quick_eval(n_eval: int, eval_seed: int = 0, novel: bool = False) -> Callable[[Blip2Pipeline], dict]:
+    """Greedy captions (object F1) and VQA (accuracy, every question of each scene) on
+    `n_eval` test scenes (seen combinations, or novel ones)."""
+    scenes = world.make_split("test", n_eval, eval_seed, novel=novel)
+
+    def measure(pipe: Blip2Pipeline) -> dict:
+        cap = R.eval_captions(pipe, scenes, num_beams=1)
+        vqa = R.eval_vqa(pipe, scenes, num_beams=1)
+        return {"caption_f1": cap["f1"], "caption_exact": cap["exact_match"], "vqa": vqa["accuracy"]}
+
+    return measure
+
+
+def retrieval(pipe: Blip2Pipeline, gallery: int, k_test: int, eval_seed: int = 0) -> dict:
+    """Recall@1/5/10 both ways on a gallery of test scenes with distinct captions, ITC alone
+    ("itc/...") and ITM re-ranked ("itm/..."); "txt_r1" = image -> text, "img_r1" = text -> image."""
+    return R.eval_retrieval(pipe, world.make_gallery("test", gallery, eval_seed), k_test)
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    v = [float(x) for x in values]
+    m = sum(v) / len(v)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0)
+
+
+def write_rows(out_dir: str | Path, name: str, rows: list[dict], meta: dict) -> Path:
+    """`<name>.csv` (rows; columns = union of keys, in first-seen order) and `<name>.json`
+    (meta + rows) in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(rows)
+    (out / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str) + "\n")
+    return out / f"{name}.json"
+
+
+def _meta(name: str, preset: R.ShapesPreset, start: float, **extra) -> dict:
+    return {"sweep": name, "preset": asdict(preset), "seconds": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, **extra}
+
+
+def _log(verbose: bool, *parts) -> None:
+    if verbose:
+        print(*parts, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The sweeps
+# ---------------------------------------------------------------------------------------
+
+
+def figure5(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = (0, 1, 2),
+            kinds: Sequence[R.LLMKind] = ("opt", "t5"), eval_at: Optional[Sequence[int]] = None,
+            n_eval: Optional[int] = None, eval_seed: int = 0, verbose: bool = True) -> list[dict]:
+    """The paper's Figure 5: for each seed, stage 1 once, then stage 2 on each LLM family
+    from the stage-1 Q-Former and from the BERT-initialised one, the same stage-2 steps;
+    caption object-F1 and VQA accuracy on seen test scenes at the `eval_at` stage-2 steps
+    (default: quarters of preset.stage2_steps). Rows: seed, llm, stage1, step, metrics."""
+    start = time.perf_counter()
+    eval_at = eval_at or [max(1, round(preset.stage2_steps * f)) for f in (0.25, 0.5, 0.75, 1.0)]
+    measure = quick_eval(n_eval or preset.n_eval, eval_seed)
+    rows, timings = [], []
+    for seed in seeds:
+        s1 = run_stage1(preset, seed)
+        timings.append({"seed": seed, "stage1_s": round(s1.seconds, 1)})
+        _log(verbose, f"seed {seed}: stage 1 in {s1.seconds:.0f} s")
+        for kind in kinds:
+            for with_stage1 in (True, False):
+                run = run_stage2(preset, kind, s1 if with_stage1 else None, seed, eval_at=eval_at, eval_fn=measure)
+                timings.append({"seed": seed, "llm": kind, "stage1": with_stage1, "stage2_s": round(run.seconds, 1)})
+                lm = [h["lm_loss"] for h in run.history]
+                for point in run.curve:
+                    window = lm[max(0, point["step"] - 10):point["step"]]
+                    rows.append({"seed": seed, "llm": kind, "stage1": with_stage1, **point,
+                                 "lm_loss": sum(window) / len(window)})
+                _log(verbose, f"seed {seed} {kind} stage1={with_stage1}: {run.curve[-1]} ({run.seconds:.0f} s)")
+    write_rows(out_dir, "figure5", rows, _meta("figure5", preset, start, seeds=list(seeds), kinds=list(kinds),
+                                               eval_at=list(eval_at), n_eval=n_eval or preset.n_eval,
+                                               eval_seed=eval_seed, timings=timings))
+    return rows
+
+
+LOSS_SETS = {"ITC": ("itc",), "ITC+ITM": ("itc", "itm"), "ITC+ITM+ITG": ("itc", "itm", "itg")}
+
+
+def table6(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = (0, 1, 2),
+           loss_sets: Optional[dict[str, tuple[str, ...]]] = None, eval_seed: int = 0,
+           verbose: bool = True) -> list[dict]:
+    """The paper's Table 6 (and ITC alone): stage 1 with each loss set and seed, then
+    retrieval recall on a gallery of `preset.gallery` test scenes, by ITC alone and ITM
+    re-ranked (the ITM re-ranking of an ITC-only model uses its untrained ITM head: shown,
+    but not meaningful). Rows: losses, seed, every recall."""
+    start = time.perf_counter()
+    rows = []
+    for name, losses in (loss_sets or LOSS_SETS).items():
+        for seed in seeds:
+            run = run_stage1(replace(preset, stage1_losses=tuple(losses)), seed)
+            rec = retrieval(run.pipe, preset.gallery, preset.k_test, eval_seed)
+            last = run.history[-20:]
+            final = {f"final_{k}": sum(h[k] for h in last) / len(last) for k in last[0] if k.endswith("_loss")}
+            rows.append({"losses": name, "seed": seed, **rec, **final, "train_s": round(run.seconds, 1)})
+            _log(verbose, f"{name} seed {seed}: itc R@1 i2t {rec['itc/txt_r1']:.3f} t2i {rec['itc/img_r1']:.3f}, "
+                          f"itm R@1 i2t {rec['itm/txt_r1']:.3f} t2i {rec['itm/img_r1']:.3f} ({run.seconds:.0f} s)")
+    write_rows(out_dir, "table6", rows, _meta("table6", preset, start, seeds=list(seeds), eval_seed=eval_seed,
+                                              loss_sets={k: list(v) for k, v in (loss_sets or LOSS_SETS).items()}))
+    return rows
+
+
+def _full_eval(pipe: Blip2Pipeline, preset: R.ShapesPreset, n_eval: int, eval_seed: int) -> dict:
+    seen, novel = quick_eval(n_eval, eval_seed)(pipe), quick_eval(n_eval, eval_seed, novel=True)(pipe)
+    rec = retrieval(pipe, preset.gallery, preset.k_test, eval_seed)
+    return {**{f"{k}/seen": v for k, v in seen.items()}, **{f"{k}/novel": v for k, v in novel.items()},
+            **{k: rec[k] for k in ("itc/txt_r1", "itc/img_r1", "itm/txt_r1", "itm/img_r1")}}
+
+
+def queries(out_dir: str | Path, preset: R.ShapesPreset, counts: Sequence[int] = (1, 4, 8, 32), seed: int = 0,
+            kind: R.LLMKind = "opt", n_eval: Optional[int] = None, eval_seed: int = 0,
+            verbose: bool = True) -> list[dict]:
+    """Number of learned queries: stage 1 and stage 2 (`kind`) per count; retrieval recall,
+    captions and VQA on seen and novel scenes. The paper fixes 32 (Sec. 3.1)."""
+    start = time.perf_counter()
+    rows = []
+    for q in counts:
+        p = replace(preset, num_queries=q)
+        s1 = run_stage1(p, seed)
+        s2 = run_stage2(p, kind, s1, seed)
+        row = {"num_queries": q, **_full_eval(s2.pipe, p, n_eval or preset.n_eval, eval_seed),
+               "trainable_params": sum(x.numel() for x in s2.pipe.model.parameters() if x.requires_grad),
+               "stage1_s": round(s1.seconds, 1), "stage2_s": round(s2.seconds, 1)}
+        rows.append(row)
+        _log(verbose, row)
+    write_rows(out_dir, "queries", rows, _meta("queries", preset, start, seed=seed, llm=kind, eval_seed=eval_seed))
+    return rows
+
+
+def _backbones_with(work: Path, name: str, **replacements: Path) -> Path:
+    """A backbones folder like the shipped one with some towers replaced (symlinks)."""
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in ("vit", "bert", "opt", "t5"):
+        link, target = folder / part, Path(replacements.get(part, R.BACKBONES / part)).resolve()
+        if link.is_symlink() or link.exists():
+            if link.resolve() == target:
+                continue
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+    return folder
+
+
+def encoders(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, pretrain_steps: Sequence[int] = (0, 60),
+             seed: int = 0, kind: R.LLMKind = "opt", n_eval: Optional[int] = None, eval_seed: int = 0,
+             probe_scenes: tuple[int, int] = (1000, 300), verbose: bool = True) -> list[dict]:
+    """A weaker frozen image encoder: the shipped tower (600 steps of scene parsing) against
+    the same tower pretrained for each of `pretrain_steps` (0 = untrained, random weights),
+    each gated by the linear probe, then stage 1 + stage 2 on top. Towers go to work_dir."""
+    from ..backbones import vision as V
+
+    start = time.perf_counter()
+    work = Path(work_dir)
+    towers: list[tuple[str, Path]] = []
+    for steps in pretrain_steps:
+        folder = work / f"vit-{steps}"
+        if not (folder / "model.safetensors").is_file():
+            if steps == 0:
+                torch.manual_seed(seed)
+                V.save_tower(V.build_tower(), folder)
+            else:
+                V.pretrain_vision(folder, steps=steps, seed=seed, probe=False, log_every=10**9)
+        towers.append((f"{steps} steps", folder))
+    towers.append(("600 steps (shipped)", R.BACKBONES / "vit"))
+    rows = []
+    for label, vit in towers:
+        backbones = _backbones_with(work, f"backbones-{vit.name if vit.parent != R.BACKBONES else 'shipped'}", vit=vit)
+        probe = V.linear_probe(V.load_shapes_vision(vit), n_train=probe_scenes[0], n_test=probe_scenes[1], seed=seed)
+        s1 = run_stage1(preset, seed, backbones)
+        s2 = run_stage2(preset, kind, s1, seed, backbones)
+        row = {"encoder": label, **{f"probe_{k}": probe["seen"][k] for k in ("shape", "color", "size", "object")},
+               **_full_eval(s2.pipe, preset, n_eval or preset.n_eval, eval_seed),
+               "stage1_s": round(s1.seconds, 1), "stage2_s": round(s2.seconds, 1)}
+        rows.append(row)
+        _log(verbose, row)
+    write_rows(out_dir, "encoders", rows, _meta("encoders", preset, start, seed=seed, llm=kind, eval_seed=eval_seed,
+                                                pretrain_steps=list(pretrain_steps)))
+    return rows
+
+
+SMALL_OPT = {"hidden_size": 64, "word_embed_proj_dim": 64, "ffn_dim": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 4}
+
+
+def llm_size(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, pretrain_steps: int = 1000,
+             sizes: Optional[dict[str, Optional[dict]]] = None, seed: int = 0, n_eval: Optional[int] = None,
+             qa_scenes: int = 100, eval_seed: int = 0, verbose: bool = True) -> list[dict]:
+    """LLM size: OPTs of each size in `sizes` (name -> `model_overrides` of `pretrain_opt`;
+    default a half-width 2-layer one and the shipped shape) pretrained by the shipped recipe
+    for `pretrain_steps`, plus the shipped OPT (5000 steps); each measured by in-context QA
+    (the scene's caption in the text) before BLIP-2, then stage 2 from one stage-1 Q-Former."""
+    from ..backbones import text as T
+
+    start = time.perf_counter()
+    work = Path(work_dir)
+    sizes = sizes if sizes is not None else {"small (2x64)": SMALL_OPT, "shipped shape (4x128)": {}}
+    llms: list[tuple[str, Path, int]] = []
+    for name, overrides in sizes.items():
+        folder = work / f"opt-{'-'.join(f'{k}{v}' for k, v in sorted((overrides or {}).items())) or 'base'}-{pretrain_steps}"
+        if not (folder / "model.safetensors").is_file():
+            T.pretrain_opt(folder, steps=pretrain_steps, seed=seed, model_overrides=overrides or None, final_eval=False)
+        llms.append((f"{name}, {pretrain_steps} steps", folder, pretrain_steps))
+    llms.append(("shipped (4x128), 5000 steps", R.BACKBONES / "opt", 5000))
+    s1 = run_stage1(preset, seed)
+    qa_test = world.make_split("test", qa_scenes, eval_seed)
+    rows = []
+    for label, folder, steps in llms:
+        lm, tok, _ = T.load_text_backbone(folder)
+        qa = T.in_context_qa_accuracy(lm, tok, qa_test, layout="visual")
+        backbones = _backbones_with(work, f"backbones-{folder.name}", opt=folder)
+        s2 = run_stage2(preset, "opt", s1, seed, backbones)
+        q = quick_eval(n_eval or preset.n_eval, eval_seed)(s2.pipe)
+        rows.append({"llm": label, "llm_params": sum(p.numel() for p in lm.parameters()), "pretrain_steps": steps,
+                     "in_context_qa": qa["overall"], **q, "stage2_s": round(s2.seconds, 1)})
+        _log(verbose, rows[-1])
+    write_rows(out_dir, "llm_size", rows, _meta("llm_size", preset, start, seed=seed, eval_seed=eval_seed,
+                                                pretrain_steps=pretrain_steps, qa_scenes=qa_scenes))
+    return rows
+
+
+SWEEPS = {"figure5": figure5, "table6": table6, "queries": queries, "encoders": encoders, "llm_size": llm_size}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="Ablation sweeps of the shapes recipe (blip2lab.recipes.ablations).")
+    p.add_argument("sweep", choices=sorted(SWEEPS))
+    p.add_argument("--out", required=True, help="folder for <sweep>.json and <sweep>.csv")
+    p.add_argument("--preset", default="default", choices=sorted(R.PRESETS))
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="preset overrides")
+    p.add_argument("--seeds", default="0,1,2", help="figure5 / table6")
+    p.add_argument("--work", default="runs/ablations", help="encoders / llm_size: where new backbones go")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    preset = R.preset_with(args.preset, args.set)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.sweep in ("figure5", "table6"):
+        SWEEPS[args.sweep](args.out, preset, seeds=seeds)
+    elif args.sweep == "queries":
+        queries(args.out, preset, seed=seeds[0])
+    else:
+        SWEEPS[args.sweep](args.out, preset, args.work, seed=seeds[0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The notebooks' measurements (blip2lab.analysis), the ablation runners
+(blip2lab.recipes.ablations) on a micro preset, and the tiny official-layout checkpoints
+(blip2lab.demo)."""
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import blip2lab
+from blip2lab import analysis
+from blip2lab.blip2 import Blip2
+from blip2lab.data import shapes as world
+from blip2lab.recipes import ablations as A
+from blip2lab.recipes import shapes as R
+from conftest import tiny_config
+
+MICRO = R.preset_with("tiny", ["n_train=32", "stage1_steps=2", "stage2_steps=2", "stage1_batch=8",
+                               "stage2_batch=8", "n_eval=2", "gallery=8", "k_test=2", "warmup=1"])
+
+
+def test_box_cover_counts_patch_area_inside_the_box():
+    cover = analysis.box_cover((8, 8, 16, 16), image_size=64, grid=8)  # exactly patch (1, 1)
+    assert cover[1, 1] == 1 and cover.sum() == 1
+    half = analysis.box_cover((8, 8, 12, 16), image_size=64, grid=8)  # left half of it
+    assert half[1, 1] == pytest.approx(0.5) and half.sum() == pytest.approx(0.5)
+    assert analysis.box_cover((0, 0, 64, 64), 64, 8).sum() == pytest.approx(64)
+
+
+def test_mass_in_box_against_chance():
+    box = (0, 0, 32, 32)  # a quarter of the image
+    mass, chance = analysis.mass_in_box(np.ones((8, 8)), box, 64)
+    assert mass == pytest.approx(0.25) and chance == pytest.approx(0.25)
+    heat = np.zeros((8, 8))
+    heat[:4, :4] = 1.0
+    assert analysis.mass_in_box(heat, box, 64)[0] == pytest.approx(1.0)
+    assert analysis.mass_in_box(np.zeros((8, 8)), box, 64)[0] == 0.0
+    with pytest.raises(ValueError, match="square"):
+        analysis.mass_in_box(np.ones((4, 8)), box, 64)
+
+
+def test_parameter_counts_add_up_and_know_what_is_frozen():
+    model = Blip2(tiny_config())
+    counts = analysis.parameter_counts(model)
+    assert sum(r["params"] for r in counts.values()) == sum(p.numel() for p in model.parameters())
+    assert counts["frozen image encoder"]["trainable"] == 0
+    assert counts["Q-Former: cross-attention (queries -> image)"]["params"] > 0
+    assert "other" not in counts and "Q-Former: other" not in counts
+
+
+def test_trace_shapes_follows_a_forward_pass():
+    model = Blip2(tiny_config())
+    pixels = torch.randn(2, 3, 32, 32)
+    records = analysis.trace_shapes(model, lambda: model.encode_image(pixels), depth=2)
+    shapes = dict((name, shape) for name, _, shape in records)
+    assert shapes["ln_vision"] == (2, 17, 24)  # 1 + (32/8)^2 tokens, width 24
+    assert not any(name.startswith("image_encoder.") for name in shapes)
+
+
+def test_altered_scene_changes_one_fact():
+    rng = random.Random(0)
+    for scene in world.make_split("test", 30, 0):
+        other = analysis.altered_scene(scene, rng)
+        a, b = scene.tuples(), other.tuples()
+        assert len(a) == len(b) and a != b
+        diffs = sum(x != y for ox, oy in zip(sorted(a), sorted(b)) for x, y in zip(ox, oy))
+        assert diffs >= 1
+        assert analysis.shared_attributes(scene, scene) == {"occupancy": 1.0, "shape": 1.0, "color": 1.0,
+                                                              "size": 1.0}
+
+
+def test_image_neighbours_find_the_copy():
+    from blip2lab.backbones.vision import load_shapes_vision
+
+    scenes = world.make_split("test", 6, 0)
+    idx, cos = analysis.image_neighbours(load_shapes_vision(R.BACKBONES / "vit"), scenes + scenes[:1], k=2)
+    assert int(idx[0, 0]) == 6 and float(cos[0, 0]) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="pool"):
+        analysis.image_neighbours(load_shapes_vision(R.BACKBONES / "vit"), scenes, pool="max")
+
+
+@pytest.fixture(scope="module")
+def stage1_run():
+    torch.set_num_threads(1)
+    return A.run_stage1(MICRO, seed=0)
+
+
+def test_localisation_rows(stage1_run):
+    scenes = [s for s in world.make_split("test", 6, 0) if len(s.objects) >= 2][:2]
+    rows = analysis.localisation(stage1_run.pipe, scenes)
+    assert rows
+    for r in rows:
+        for k in ("xattn_max_query", "xattn_mean_query", "chance", "gradcam_name", "gradcam_phrase"):
+            assert 0.0 <= r[k] <= 1.0 + 1e-6, (k, r[k])
+        assert r["xattn_max_query"] >= r["xattn_mean_query"] - 1e-9
+    summary = analysis.summarise_localisation(rows)
+    assert summary["chance"]["n"] == len(rows)
+
+
+def test_ablation_runners_write_their_rows(stage1_run, tmp_path):
+    assert len(stage1_run.history) == MICRO.stage1_steps
+    rows = A.figure5(tmp_path, MICRO, seeds=(0,), kinds=("opt",), eval_at=(1, 2), n_eval=2, verbose=False)
+    assert [(r["stage1"], r["step"]) for r in rows] == [(True, 1), (True, 2), (False, 1), (False, 2)]
+    assert all(0.0 <= r["vqa"] <= 1.0 and 0.0 <= r["caption_f1"] <= 1.0 for r in rows)
+    saved = json.loads((tmp_path / "figure5.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["preset"]["stage2_steps"] == 2
+    assert len(list(csv.DictReader(open(tmp_path / "figure5.csv")))) == len(rows)
+
+    rows = A.table6(tmp_path, MICRO, seeds=(0,), loss_sets={"ITC": ("itc",), "ITC+ITM": ("itc", "itm")},
+                    verbose=False)
+    assert [r["losses"] for r in rows] == ["ITC", "ITC+ITM"]
+    assert "final_itm_loss" not in rows[0] and "final_itm_loss" in rows[1]
+    assert all(0.0 <= r["itc/txt_r1"] <= 1.0 for r in rows)
+
+
+def test_stage2_from_stage1_keeps_the_stage1_qformer(stage1_run):
+    model, _ = A.stage2_model(MICRO, "opt", stage1_run, seed=0)
+    ours, theirs = model.state_dict(), stage1_run.pipe.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs if k.startswith("qformer."))
+    fresh, _ = A.stage2_model(MICRO, "opt", None, seed=0)
+    assert not torch.equal(fresh.state_dict()["qformer.query_tokens"], theirs["qformer.query_tokens"])
+
+
+def test_mean_sd():
+    assert A.mean_sd([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert A.mean_sd([5.0]) == (5.0, 0.0)
+
+
+def test_tiny_official_checkpoints_load_like_official_ones(tmp_path):
+    from blip2lab.demo import tiny_official_checkpoints
+
+    gen, itm, ids = tiny_official_checkpoints(tmp_path)
+    assert json.loads((gen / "config.json").read_text())["architectures"] == ["Blip2ForConditionalGeneration"]
+    pipe = blip2lab.load(gen, retrieval=itm, **ids)
+    image = world.render(world.make_split("test", 1, 0)[0])
+    assert isinstance(pipe.caption([image], num_beams=1, max_new_tokens=4)[0], str)
+    assert isinstance(pipe.answer(image, "what color is the circle?", num_beams=1, max_new_tokens=3)[0], str)
+    assert set(pipe.match(image, "a red circle")) == {"itm_prob", "itm_logit", "itc_cosine"}
