@@ -193,7 +193,7 @@ def summarise_localisation(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Mean and standard error of every numeric column of `localisation`'s rows (missing
     values skipped), plus the count."""
     out: dict[str, dict[str, float]] = {}
-    keys = [k for k in rows[0] if isinstance(rows[0][k], float)] if rows else []
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float)))
     for k in keys:
         vals = np.array([r[k] for r in rows if k in r], dtype=np.float64)
         out[k] = {"mean": float(vals.mean()), "sem": float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1

@@ -307,7 +307,7 @@ def encoders(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, 
     work = Path(work_dir)
     towers: list[tuple[str, Path]] = []
     for steps in pretrain_steps:
-        folder = work / f"vit-{steps}"
+        folder = work / f"vit-{steps}-seed{seed}"
         if not (folder / "model.safetensors").is_file():
             if steps == 0:
                 torch.manual_seed(seed)
@@ -338,21 +338,26 @@ SMALL_OPT = {"hidden_size": 64, "word_embed_proj_dim": 64, "ffn_dim": 256, "num_
 
 def llm_size(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, pretrain_steps: int = 1000,
              sizes: Optional[dict[str, Optional[dict]]] = None, seed: int = 0, n_eval: Optional[int] = None,
-             qa_scenes: int = 100, eval_seed: int = 0, verbose: bool = True) -> list[dict]:
+             qa_scenes: int = 100, eval_seed: int = 0, pretrain_kwargs: Optional[dict] = None,
+             verbose: bool = True) -> list[dict]:
     """LLM size: OPTs of each size in `sizes` (name -> `model_overrides` of `pretrain_opt`;
     default a half-width 2-layer one and the shipped shape) pretrained by the shipped recipe
     for `pretrain_steps`, plus the shipped OPT (5000 steps); each measured by in-context QA
-    (the scene's caption in the text) before BLIP-2, then stage 2 from one stage-1 Q-Former."""
+    (the scene's caption in the text) before BLIP-2, then stage 2 from one stage-1 Q-Former.
+    `pretrain_kwargs`: more arguments of `pretrain_opt` (e.g. a smaller `n_scenes` corpus)."""
     from ..backbones import text as T
 
     start = time.perf_counter()
     work = Path(work_dir)
     sizes = sizes if sizes is not None else {"small (2x64)": SMALL_OPT, "shipped shape (4x128)": {}}
     llms: list[tuple[str, Path, int]] = []
+    extra = dict(pretrain_kwargs or {})
     for name, overrides in sizes.items():
-        folder = work / f"opt-{'-'.join(f'{k}{v}' for k, v in sorted((overrides or {}).items())) or 'base'}-{pretrain_steps}"
+        key = world.stable_seed(json.dumps([overrides or {}, pretrain_steps, seed, extra], sort_keys=True)) % 10**8
+        folder = work / f"opt-{pretrain_steps}-{key:08d}"  # one folder per (size, steps, seed, arguments)
         if not (folder / "model.safetensors").is_file():
-            T.pretrain_opt(folder, steps=pretrain_steps, seed=seed, model_overrides=overrides or None, final_eval=False)
+            T.pretrain_opt(folder, steps=pretrain_steps, seed=seed, model_overrides=overrides or None,
+                           final_eval=False, **extra)
         llms.append((f"{name}, {pretrain_steps} steps", folder, pretrain_steps))
     llms.append(("shipped (4x128), 5000 steps", R.BACKBONES / "opt", 5000))
     s1 = run_stage1(preset, seed)
