@@ -20,7 +20,9 @@ Everything is built from the same pieces as `recipes.shapes` (config, frozen bac
 datasets, the one training loop), with two differences that only save time: the frozen
 features of the training scenes are computed once per image encoder and shared by every run
 of a sweep, and curves are measured during one stage-2 run (the loop's `on_step`) instead
-of by separate runs of each length. Every new parameter is drawn after
+of by separate runs of each length; and a model one sweep already trained (same preset,
+seed, backbones) is reused by the next (the queries sweep's 8-query model is the encoder
+sweep's shipped-tower model). Every new parameter is drawn after
 `torch.manual_seed(seed)`; the evaluation scenes are the same for every seed (`eval_seed`),
 so the spread across seeds is the spread of training alone.
 """
@@ -56,6 +58,7 @@ class Run:
     history: list[dict]  # every step's logged losses
     curve: list[dict] = field(default_factory=list)  # evaluations during training
     seconds: float = 0.0  # training wall time (evaluations during training excluded)
+    key: str = ""  # what was trained (preset, seed, backbones, start): runs with equal keys are reused
 
 
 # ---------------------------------------------------------------------------------------
@@ -63,6 +66,13 @@ class Run:
 # ---------------------------------------------------------------------------------------
 
 _FEATURES: dict[tuple, tuple[list, torch.Tensor]] = {}
+_RUNS: dict[str, Run] = {}  # trained runs of this process by key: sweeps that need the same model share it
+
+
+def _run_key(stage: str, preset: R.ShapesPreset, seed: int, backbones: Path, parts: Sequence[str],
+             start: Optional[Run] = None) -> str:
+    towers = {p: str((Path(backbones) / p).resolve()) for p in parts}
+    return json.dumps([stage, asdict(preset), seed, towers, start.key if start is not None else None], sort_keys=True)
 
 
 def train_features(preset: R.ShapesPreset, seed: int, backbones: Path = R.BACKBONES) -> tuple[list, torch.Tensor]:
@@ -104,12 +114,21 @@ def _fit(model: Blip2, processor, data, stage: int, preset: R.ShapesPreset, seed
     return Run(pipe, history, curve, time.perf_counter() - start - spent[0])
 
 
-def run_stage1(preset: R.ShapesPreset, seed: int = 0, backbones: Path = R.BACKBONES, progress: bool = False) -> Run:
-    """Stage 1 with `preset.stage1_losses` (ITC / ITM / ITG) from the BERT-initialised Q-Former."""
+def run_stage1(preset: R.ShapesPreset, seed: int = 0, backbones: Path = R.BACKBONES, progress: bool = False,
+               reuse: bool = True) -> Run:
+    """Stage 1 with `preset.stage1_losses` (ITC / ITM / ITG) from the BERT-initialised Q-Former.
+    `reuse`: return the run already trained in this process with the same preset, seed and
+    backbones (training is deterministic given them) instead of training it again."""
+    key = _run_key("stage1", preset, seed, backbones, ("vit", "bert"))
+    if reuse and key in _RUNS:
+        return _RUNS[key]
     model, processor = _build(None, preset, seed, backbones)
     scenes, feats = train_features(preset, seed, backbones)
     data = BatchStream(R.Stage1Data(feats, scenes, seed), preset.stage1_batch, R.stage1_collate(processor), seed=seed)
-    return _fit(model, processor, data, 1, preset, seed, (), None, progress)
+    run = _fit(model, processor, data, 1, preset, seed, (), None, progress)
+    run.key = key
+    _RUNS[key] = run
+    return run
 
 
 def stage2_model(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run], seed: int = 0,
@@ -129,12 +148,20 @@ def run_stage2(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run], s
                backbones: Path = R.BACKBONES, eval_at: Sequence[int] = (),
                eval_fn: Optional[Callable[[Blip2Pipeline], dict]] = None, progress: bool = False) -> Run:
     """Stage 2 on one LLM family, starting from `stage1`'s Q-Former, ln_vision and heads, or
-    (None) from the BERT-initialised Q-Former: the paper's "w/o representation learning"."""
+    (None) from the BERT-initialised Q-Former: the paper's "w/o representation learning".
+    A run without evaluations (`eval_fn` None) is reused as `run_stage1`'s are."""
+    key = _run_key(f"stage2/{kind}", preset, seed, backbones, ("vit", "bert", kind), stage1)
+    if eval_fn is None and key in _RUNS:
+        return _RUNS[key]
     model, processor = stage2_model(preset, kind, stage1, seed, backbones)
     scenes, feats = train_features(preset, seed, backbones)
     data = BatchStream(R.Stage2Data(feats, scenes, preset.stage2_vqa_fraction, seed), preset.stage2_batch,
                        R.stage2_collate(processor), seed=seed)
-    return _fit(model, processor, data, 2, preset, seed, eval_at, eval_fn, progress)
+    run = _fit(model, processor, data, 2, preset, seed, eval_at, eval_fn, progress)
+    run.key = key
+    if eval_fn is None:
+        _RUNS[key] = run
+    return run
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,7 +345,7 @@ def encoders(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, 
     towers.append(("600 steps (shipped)", R.BACKBONES / "vit"))
     rows = []
     for label, vit in towers:
-        backbones = _backbones_with(work, f"backbones-{vit.name if vit.parent != R.BACKBONES else 'shipped'}", vit=vit)
+        backbones = R.BACKBONES if vit == R.BACKBONES / "vit" else _backbones_with(work, f"backbones-{vit.name}", vit=vit)
         probe = V.linear_probe(V.load_shapes_vision(vit), n_train=probe_scenes[0], n_test=probe_scenes[1], seed=seed)
         s1 = run_stage1(preset, seed, backbones)
         s2 = run_stage2(preset, kind, s1, seed, backbones)
@@ -366,7 +393,8 @@ def llm_size(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, 
     for label, folder, steps in llms:
         lm, tok, _ = T.load_text_backbone(folder)
         qa = T.in_context_qa_accuracy(lm, tok, qa_test, layout="visual")
-        backbones = _backbones_with(work, f"backbones-{folder.name}", opt=folder)
+        backbones = R.BACKBONES if folder == R.BACKBONES / "opt" else _backbones_with(work, f"backbones-{folder.name}",
+                                                                                       opt=folder)
         s2 = run_stage2(preset, "opt", s1, seed, backbones)
         q = quick_eval(n_eval or preset.n_eval, eval_seed)(s2.pipe)
         rows.append({"llm": label, "llm_params": sum(p.numel() for p in lm.parameters()), "pretrain_steps": steps,
