@@ -41,7 +41,7 @@ $(VENV)/.lab-installed: pyproject.toml | $(PY)
 	touch $@
 
 lab: $(VENV)/.lab-installed
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # Removes build artefacts and caches; keeps .venv (delete it by hand to rebuild).
 clean:

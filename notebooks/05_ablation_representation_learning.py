@@ -97,6 +97,8 @@ for j, kind in enumerate(KINDS):
         ax.set_xlabel("stage-2 step")
 axes[0, 0].legend()
 plt.tight_layout()
+if not SMALL:
+    fig.savefig(OUT / "figure5.png", dpi=110)
 plt.show()
 
 # %% [markdown]

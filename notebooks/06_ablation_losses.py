@@ -97,6 +97,8 @@ for ax, how in zip(axes, ("itc", "itm")):
     ax.set_ylim(0, 1)
 axes[0].legend()
 plt.tight_layout()
+if not SMALL:
+    fig.savefig(OUT / "table6.png", dpi=110)
 plt.show()
 
 # %% [markdown]

@@ -110,6 +110,9 @@ for i, ax in enumerate(axes[1:]):
     ax.set_title(f"query {i}", fontsize=8)
 for ax in axes:
     ax.axis("off")
+if not SMALL:
+    Path("results").mkdir(exist_ok=True)
+    fig.savefig("results/07_queries.png", dpi=110)
 plt.show()
 
 # %% [markdown]
@@ -218,6 +221,9 @@ ax.set_xticks(range(len(keys)), keys, rotation=25, ha="right", fontsize=8)
 ax.set_ylabel("share of map mass in the box")
 ax.set_title("Does the map land on the named object?")
 plt.tight_layout()
+if not SMALL:
+    Path("results").mkdir(exist_ok=True)
+    fig.savefig("results/07_localisation.png", dpi=110)
 plt.show()
 
 # %% [markdown]

@@ -104,6 +104,8 @@ for ax, keys, title in zip(axes, (("itc/txt_r1", "itm/txt_r1", "itm/img_r1"), ("
     ax.set_title(title)
     ax.legend(fontsize=7)
 plt.tight_layout()
+if not SMALL:
+    fig.savefig(OUT / "queries.png", dpi=110)
 plt.show()
 
 # %% [markdown]
