@@ -43,10 +43,10 @@ if SMALL:
     QUERY_COUNTS, ENCODER_STEPS, PROBE_SCENES = (1, 4), (0, 2), (40, 20)
     LLM_STEPS, LLM_KWARGS, QA_SCENES = 2, {"n_scenes": 300}, 3
 else:
-    PRESET, OVERRIDES = "default", ["n_train=5000", "stage1_steps=200", "stage1_batch=32", "stage2_steps=200",
+    PRESET, OVERRIDES = "default", ["n_train=5000", "stage1_steps=150", "stage1_batch=32", "stage2_steps=150",
                                     "stage2_batch=32", "warmup=30", "n_eval=30", "gallery=300"]
     QUERY_COUNTS, ENCODER_STEPS, PROBE_SCENES = (1, 4, 8, 32), (0, 40), (1000, 300)
-    LLM_STEPS, LLM_KWARGS, QA_SCENES = 800, {"n_scenes": 30_000}, 60
+    LLM_STEPS, LLM_KWARGS, QA_SCENES = 600, {"n_scenes": 30_000}, 60
 SEED = 0
 
 # %%
