@@ -150,14 +150,23 @@ def test_every_endpoint(client, tmp_path):
         client.predict(str(tmp_path), "", api_name="/load_model")
 
 
-def test_real_answers_of_the_shipped_model(client):
-    """The issue's checks of real answers; they need models/shapes-opt (not a random model)."""
+def _shipped(client) -> None:
     assert shipped_model_available(), "models/shapes-opt is not shipped yet: these checks need the trained model"
     assert "shapes-opt" in client.predict(api_name="/model_info")
+
+
+def test_real_answer_composed_red_circle(client):
+    """The issue's check: a composed scene with one red circle; "what color is the circle?" -> "red"."""
+    _shipped(client)
     path, _, _ = compose(client, ("circle", "red", "large", "top", "left"))
     messages, _, _ = chat(client, "what color is the circle?", path)
     assert last_answer(messages).strip().lower() == "red"
 
+
+def test_real_answer_search_finds_a_scene_by_its_caption(client):
+    """The issue's check: the top text -> image hit for a scene's own caption is that scene
+    (the first three scenes of the app's gallery, ITC + ITM re-rank)."""
+    _shipped(client)
     scenes = world.make_gallery("test", GALLERY_SIZE, seed=0)
     for i in (0, 1, 2):
         _, table, _ = client.predict("text → image", world.caption(scenes[i]), None, "ITC + ITM re-rank", 5,
