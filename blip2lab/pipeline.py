@@ -28,6 +28,8 @@ from .weights import CONFIG_NAME, load_pretrained, save_pretrained
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 QFORMER_TOKENIZER_DIR, LLM_TOKENIZER_DIR = "qformer_tokenizer", "llm_tokenizer"
+# A pipeline folder may name its retrieval model: {"retrieval": "<folder, relative to this one>"}.
+PIPELINE_NAME = "pipeline.json"
 
 # Shipped, trained models (a name -> a folder under models/). Filled as models are trained
 # and committed; each folder says how it was built.
@@ -131,10 +133,13 @@ class Blip2Pipeline:
     # -- matching and embeddings ---------------------------------------------------------
 
     def _scorer(self) -> tuple[Blip2, Blip2Processor]:
-        if self.model.has_stage1_heads:
-            return self.model, self.processor
+        # A retrieval model, when given, wins over the model's own heads: after stage 2 the
+        # Q-Former has moved on from the stage-1 heads it kept (BLIP-2 retrieves with the
+        # stage-1 model too, never with the stage-2 one).
         if self.retrieval is not None:
             return self.retrieval, self.retrieval_processor
+        if self.model.has_stage1_heads:
+            return self.model, self.processor
         raise ValueError(f"{self.name or 'this model'} has no ITC/ITM heads (a stage-2 checkpoint): load it with "
                          "retrieval=... (e.g. an itm-vit-g checkpoint) to match and embed")
 
@@ -186,9 +191,13 @@ class Blip2Pipeline:
 
     # -- persistence -----------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
-        """A blip2lab checkpoint folder that `load` reopens offline: weights, config, tokenizers."""
-        path = save_pretrained(self.model, path)
+    def save(self, path: str | Path, dtype: Optional[torch.dtype] = None, retrieval: Optional[str] = None) -> Path:
+        """A blip2lab checkpoint folder that `load` reopens offline: weights (at `dtype` if
+        given), config, tokenizers, and optionally a link to a retrieval model folder
+        (`retrieval`, relative to this folder), which `load` then opens beside it."""
+        path = save_pretrained(self.model, path, dtype)
+        if retrieval is not None:
+            (path / PIPELINE_NAME).write_text(json.dumps({"retrieval": retrieval}, indent=2) + "\n")
         if self.processor.qformer_tokenizer is not None:
             self.processor.qformer_tokenizer.save_pretrained(path / QFORMER_TOKENIZER_DIR)
         if self.processor.llm_tokenizer is not None:
@@ -239,12 +248,26 @@ def load(name_or_path: str | Path, retrieval: Optional[str | Path] = None, devic
     `match` / `embed_*`; it shares the frozen image encoder with the first when both
     towers hold the same weights."""
     pipe = _load_one(name_or_path, device, **kwargs)
+    if retrieval is None:
+        retrieval = _linked_retrieval(name_or_path)
     if retrieval is not None:
         other = _load_one(retrieval, device, **kwargs)
         if _same_weights(pipe.model.image_encoder, other.model.image_encoder):
             other.model.image_encoder = pipe.model.image_encoder  # one copy of the frozen tower
         pipe.retrieval, pipe.retrieval_processor = other.model, other.processor
     return pipe
+
+
+def _linked_retrieval(name_or_path: str | Path) -> Optional[Path]:
+    """The retrieval folder a blip2lab folder links to in its pipeline.json, if any."""
+    folder = PRESETS.get(str(name_or_path), Path(name_or_path).expanduser())
+    link = folder / PIPELINE_NAME
+    if not link.is_file():
+        return None
+    target = (folder / json.loads(link.read_text())["retrieval"]).resolve()
+    if not _is_blip2lab_folder(target):
+        raise ValueError(f"{link} links to {target}, which is not a blip2lab checkpoint folder")
+    return target
 
 
 def _load_one(name_or_path: str | Path, device: str, **kwargs: Any) -> Blip2Pipeline:

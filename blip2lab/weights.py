@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -72,10 +72,12 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], allowed_missing:
 LLM_CONFIG_DIR = "llm"  # the frozen LLM's transformers config, to rebuild it without its source folder
 
 
-def save_pretrained(model: nn.Module, path: str | Path) -> Path:
+def save_pretrained(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype] = None) -> Path:
     """Write `config.json` + `model.safetensors` (+ `llm/config.json` when there is an LLM).
     Tied weights (an LLM's embeddings and LM head, ...) are stored once; the other names
-    are kept as aliases in the file's metadata. The weights file is written atomically."""
+    are kept as aliases in the file's metadata. The weights file is written atomically.
+    `dtype` (e.g. torch.float16) stores floating tensors at that precision, half the size;
+    loading copies them into the model's own dtype."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state, aliases, seen = {}, {}, {}
@@ -86,7 +88,8 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
             continue
         if ident is not None:
             seen[ident] = key
-        state[key] = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().contiguous().cpu()
+        state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     tmp = path / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "library": "blip2lab", "aliases": json.dumps(aliases)})
     tmp.replace(path / WEIGHTS_NAME)  # a crash never leaves half a file under the real name

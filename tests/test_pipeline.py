@@ -153,3 +153,29 @@ def test_cli(saved, image_file, capsys):
     assert set(scores) == {"itm_prob", "itm_logit", "itc_cosine"}
     assert cli(["caption", str(image_file), "--model", "no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_half_precision_storage_and_a_linked_retrieval_model(tmp_path, image_file):
+    """save(dtype=fp16) halves the weights file and loads back into fp32 with fp16-rounded
+    values; a folder linking a retrieval model (pipeline.json) opens it beside itself, shares
+    the frozen tower, and scores with it rather than with its own (stage-2) heads."""
+    from blip2lab.weights import WEIGHTS_NAME
+
+    generator, scorer = _pipeline(), _pipeline()
+    with torch.no_grad():  # a scorer that differs from the generator's own heads
+        scorer.model.itm_head.bias.add_(1.0)
+    scorer.save(tmp_path / "stage1", dtype=torch.float16)  # same frozen tower, same rounding: shared
+    generator.save(tmp_path / "full")
+    generator.save(tmp_path / "stage2", dtype=torch.float16, retrieval="../stage1")
+    full, half = ((tmp_path / d / WEIGHTS_NAME).stat().st_size for d in ("full", "stage2"))
+    assert half < 0.55 * full
+    pipe = blip2lab.load(tmp_path / "stage2")
+    w = pipe.model.qformer.query_tokens
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, generator.model.qformer.query_tokens.half().float(), rtol=0, atol=0)
+    assert pipe.retrieval is not None and pipe.retrieval.image_encoder is pipe.model.image_encoder
+    got = pipe.match(image_file, "a dog")["itm_logit"]
+    torch.testing.assert_close(got, blip2lab.load(tmp_path / "stage1").match(image_file, "a dog")["itm_logit"])
+    (tmp_path / "stage2" / "pipeline.json").write_text('{"retrieval": "../nowhere"}')
+    with pytest.raises(ValueError, match="not a blip2lab checkpoint folder"):
+        blip2lab.load(tmp_path / "stage2")

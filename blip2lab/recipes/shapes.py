@@ -50,6 +50,7 @@ class ShapesPreset:
     n_eval: int = 500  # test scenes for captioning / VQA evaluation (seen; as many novel)
     gallery: int = 1_000  # retrieval gallery: test scenes with distinct captions
     num_queries: int = 8
+    cross_attention_freq: int = 2  # cross-attention on every n-th Q-Former layer (the paper: 2)
     stage1_steps: int = 1500
     stage1_batch: int = 64
     stage1_lr: float = 5e-4
@@ -102,6 +103,7 @@ def shapes_config(kind: Optional[LLMKind], preset: ShapesPreset, backbones: Path
         max_position_embeddings=bert.max_position_embeddings, max_text_len=min(32, bert.max_position_embeddings),
         pad_token_id=qtok.pad_token_id, cls_token_id=qtok.cls_token_id, sep_token_id=qtok.sep_token_id,
         dec_token_id=qtok.convert_tokens_to_ids("[DEC]"), init_from=str(backbones / "bert"),
+        cross_attention_freq=preset.cross_attention_freq,
         # 0.02 is BERT-base's init for a 768-wide model; the fresh cross-attention of a 128-wide
         # Q-Former needs ~1/sqrt(width) to let the image through at the start.
         init_std=0.08,
