@@ -52,6 +52,9 @@ class Blip2(nn.Module):
         q = config.qformer
         self.image_encoder = (image_encoder or build_image_encoder(config.vision)).freeze()
         self.ln_vision = nn.LayerNorm(config.vision.width, eps=config.vision.ln_vision_eps)
+        # (N, D_v), zero at the start: the model begins as the paper's (config.image_pos_embed)
+        self.image_pos = (nn.Parameter(torch.zeros(config.vision.num_tokens, config.vision.width))
+                          if config.image_pos_embed else None)
         self.qformer = QFormer(q, config.vision.width)
         if q.text_input:  # the stage-1 heads; stage-2 checkpoints carry none
             self.vision_proj = nn.Linear(q.hidden_size, config.embed_dim)
@@ -85,7 +88,8 @@ class Blip2(nn.Module):
             image_embeds = self.image_encoder(pixels)  # (B, N, D_v), no gradient
         else:
             self._check_image_embeds(image_embeds)
-        return self.ln_vision(image_embeds)
+        image = self.ln_vision(image_embeds)
+        return image if self.image_pos is None else image + self.image_pos
 
     def _check_image_embeds(self, x: Tensor) -> None:
         D_v = self.config.vision.width

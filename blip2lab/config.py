@@ -207,6 +207,10 @@ class Blip2Config:
     # tokens in the ITM-style joint pass) so the queries extract question-relevant features.
     # LAVIS's BLIP-2 code lacks this (InstructBLIP has it); off by default.
     qformer_question: bool = False
+    # A deviation, off in the paper: a trainable position embedding added to the image tokens
+    # after ln_vision, so the Q-Former's cross-attention can select by location even when a
+    # small frozen tower's token contents carry position only weakly (the shapes world).
+    image_pos_embed: bool = False
 
     def __post_init__(self) -> None:
         _check(not self.qformer_question or self.qformer.text_input,

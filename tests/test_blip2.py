@@ -203,3 +203,24 @@ def test_caption_step_with_cache_equals_full_recompute(gen):
         stepped.append(logits)
     full = model.qformer.lm_head(model.qformer.encode_joint(image, ids, torch.ones_like(ids), "itg").hidden[:, 4:])
     torch.testing.assert_close(torch.stack(stepped, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_image_position_embedding_switch(tmp_path, gen):
+    """Off (the paper): no parameter. On: a trainable (N, D_v) table, zero at the start (so
+    the model starts as the paper's), added after ln_vision, learned, saved and reloaded."""
+    from dataclasses import replace
+
+    assert _model().image_pos is None
+    torch.manual_seed(0)
+    model = Blip2(replace(tiny_config(), image_pos_embed=True))
+    plain = _model()
+    assert model.image_pos.shape == (model.config.vision.num_tokens, 24) and not model.image_pos.any()
+    pixels = torch.randn(2, 3, 32, 32, generator=gen)
+    torch.testing.assert_close(model.encode_image(pixels), plain.encode_image(pixels))
+    batch = _batch(gen)
+    model(**batch, losses=("itc", "itg"))["itc_loss"].backward()
+    assert model.image_pos.grad is not None and model.image_pos.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.image_pos.normal_()
+    save_pretrained(model, tmp_path / "pos")
+    assert torch.equal(load_pretrained(tmp_path / "pos").image_pos, model.image_pos)

@@ -51,6 +51,7 @@ class ShapesPreset:
     gallery: int = 1_000  # retrieval gallery: test scenes with distinct captions
     num_queries: int = 8
     cross_attention_freq: int = 2  # cross-attention on every n-th Q-Former layer (the paper: 2)
+    image_pos_embed: bool = False  # Blip2Config.image_pos_embed (a deviation; off in the paper)
     stage1_steps: int = 1500
     stage1_batch: int = 64
     stage1_lr: float = 5e-4
@@ -111,7 +112,8 @@ def shapes_config(kind: Optional[LLMKind], preset: ShapesPreset, backbones: Path
     llm = LLMConfig()
     if kind is not None:
         llm = LLMConfig(kind="decoder" if kind == "opt" else "encoder_decoder", name_or_path=str(backbones / kind))
-    return Blip2Config(vision=_vision_config(), qformer=qformer, llm=llm, embed_dim=128)
+    return Blip2Config(vision=_vision_config(), qformer=qformer, llm=llm, embed_dim=128,
+                       image_pos_embed=preset.image_pos_embed)
 
 
 def build_model(config: Blip2Config, backbones: Path = BACKBONES) -> Blip2:
@@ -363,5 +365,10 @@ def preset_with(name: str, overrides: list[str]) -> ShapesPreset:
         if key not in ShapesPreset.__dataclass_fields__:
             raise ValueError(f"unknown preset field {key!r}; known: {sorted(ShapesPreset.__dataclass_fields__)}")
         current = getattr(preset, key)
-        changes[key] = tuple(text.split(",")) if isinstance(current, tuple) else type(current)(text)
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"preset field {key} is true or false, got {text!r}")
+            changes[key] = text.lower() in ("true", "1")
+        else:
+            changes[key] = tuple(text.split(",")) if isinstance(current, tuple) else type(current)(text)
     return replace(preset, **changes)
