@@ -38,7 +38,7 @@ if SMALL:
                                  "warmup=2"]
     N_EVAL = 6  # scenes for ITM scores and captions
 else:
-    PRESET, OVERRIDES = "default", ["n_train=10000", "stage1_steps=400", "gallery=500"]
+    PRESET, OVERRIDES = "default", ["n_train=10000", "stage1_steps=300", "gallery=500"]
     N_EVAL = 200
 SEED = 0
 SHIPPED = "shapes-opt"  # a fully trained model to compare with, when it is in models/ (full mode only)

@@ -37,7 +37,7 @@ if SMALL:
                                  "stage2_batch=8", "warmup=2"]
     N_EVAL, N_SHOW = 4, 3
 else:
-    PRESET, OVERRIDES = "default", ["n_train=10000", "stage1_steps=300", "stage2_steps=600"]
+    PRESET, OVERRIDES = "default", ["n_train=10000", "stage1_steps=200", "stage2_steps=400"]
     N_EVAL, N_SHOW = 60, 4
 SEED = 0
 SHIPPED = {"opt": "shapes-opt", "t5": "shapes-t5"}  # fully trained models, shown when in models/ (full mode)

@@ -81,8 +81,10 @@ print(f"{len(rows)} rows -> {OUT / 'figure5.csv'}")
 # Mean over seeds, the band one standard deviation either side.
 
 # %%
-metrics = {"caption_f1": "caption object-F1", "vqa": "VQA accuracy", "lm_loss": "stage-2 LM loss"}
-fig, axes = plt.subplots(len(metrics), len(KINDS), figsize=(5 * len(KINDS), 8), squeeze=False)
+metrics = {"caption_f1": "caption object-F1", "caption_attr_f1": "caption attribute-F1", "vqa": "VQA accuracy",
+           "vqa_cut": "VQA accuracy, answer cut at '.'", "lm_loss": "stage-2 LM loss"}
+metrics = {k: v for k, v in metrics.items() if k in rows[0]}  # results from before a column existed lack it
+fig, axes = plt.subplots(len(metrics), len(KINDS), figsize=(5 * len(KINDS), 2.7 * len(metrics)), squeeze=False)
 for j, kind in enumerate(KINDS):
     for i, (metric, title) in enumerate(metrics.items()):
         ax = axes[i, j]
@@ -124,9 +126,9 @@ for kind in KINDS:
                                        and r["step"] == last])
         effects[f"{kind}/{metric}"] = {"with": with_m, "without": without_m, "diff_mean": m, "diff_sd": sd,
                                        "seeds_agreeing_with_paper": f"{agree}/{len(diffs)}"}
-print(f"{'':16s}{'with stage 1':>16s}{'without':>16s}{'difference':>18s}{'paper sign':>12s}")
+print(f"{'':22s}{'with stage 1':>16s}{'without':>16s}{'difference':>18s}{'paper sign':>12s}")
 for k, e in effects.items():
-    print(f"{k:16s}{e['with'][0]:10.3f} ±{e['with'][1]:.3f}{e['without'][0]:10.3f} ±{e['without'][1]:.3f}"
+    print(f"{k:22s}{e['with'][0]:10.3f} ±{e['with'][1]:.3f}{e['without'][0]:10.3f} ±{e['without'][1]:.3f}"
           f"{e['diff_mean']:+12.3f} ±{e['diff_sd']:.3f}{e['seeds_agreeing_with_paper']:>12s}")
 
 # %% [markdown]
