@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Rebuild the shipped shapes models from the shipped backbones (seed 0, one torch thread per
+# process, 2 cores):
+#   models/shapes-stage1  stage 1 (ITC + ITM + ITG): retrieval, matching, Grad-CAM
+#   models/shapes-opt     stage 2 on the OPT backbone  } both link shapes-stage1 for scoring
+#   models/shapes-t5      stage 2 on the T5 backbone   } (pipeline.json)
+#   runs/shapes/opt-captions  stage 2 on captions only (the paper's zero-shot VQA setting)
+# Weights are stored in fp16 (they load into fp32); every figure is measured on the shipped
+# files. Each model folder gets eval.json (full test evaluation), eval_slice.json (the slice
+# tests/test_shipped_shapes.py re-evaluates) and recipe.json (this command, preset, timings).
+#   bash scripts/ship_shapes.sh          # everything (about 45 min on 2 cores)
+#   bash scripts/ship_shapes.sh stage2   # from an existing runs/shapes/stage1
+#   bash scripts/ship_shapes.sh eval     # only re-evaluate the shipped folders
+set -euo pipefail
+export OMP_NUM_THREADS=1
+BL=".venv/bin/blip2lab"
+PY=".venv/bin/python"
+SET=(stage1_steps=1200 stage2_steps=3000)
+PRESET=(--preset default --set "${SET[@]}")
+mkdir -p runs/shapes
+STEP=${1:-all}
+if [[ "$STEP" == "all" ]]; then
+  $BL shapes train stage1 "${PRESET[@]}" --out runs/shapes/stage1 --quiet
+fi
+if [[ "$STEP" != "eval" ]]; then
+$BL shapes train stage2 --llm opt --stage1 runs/shapes/stage1 "${PRESET[@]}" --out runs/shapes/opt --quiet &
+$BL shapes train stage2 --llm t5 --stage1 runs/shapes/stage1 "${PRESET[@]}" --out runs/shapes/t5 --quiet &
+$BL shapes train stage2 --llm opt --stage1 runs/shapes/stage1 "${PRESET[@]}" stage2_vqa_fraction=0 \
+  --out runs/shapes/opt-captions --quiet &
+wait
+
+# The pipeline folders, in fp16, without training logs and checkpoints.
+$PY - <<'PY'
+import json, platform, shutil
+from dataclasses import asdict
+from pathlib import Path
+import torch, transformers
+import blip2lab
+for run, name, link in (("stage1", "shapes-stage1", None), ("opt", "shapes-opt", "../shapes-stage1"),
+                        ("t5", "shapes-t5", "../shapes-stage1")):
+    out = Path("models") / name
+    shutil.rmtree(out, ignore_errors=True)
+    blip2lab.load(Path("runs/shapes") / run).save(out, dtype=torch.float16, retrieval=link)
+PY
+fi
+
+for m in shapes-opt shapes-t5; do
+  $BL shapes eval all --model models/$m "${PRESET[@]}" --quiet > models/$m/eval.json &
+done
+$BL shapes eval retrieval --model models/shapes-stage1 "${PRESET[@]}" --quiet > models/shapes-stage1/eval.json
+wait
+for m in shapes-opt shapes-t5; do  # the slice tests/test_shipped_shapes.py re-evaluates
+  $BL shapes eval all --model models/$m "${PRESET[@]}" n_eval=24 gallery=100 --quiet > models/$m/eval_slice.json &
+done
+$BL shapes eval vqa --model runs/shapes/opt-captions "${PRESET[@]}" --quiet > runs/shapes/opt-captions/eval.json
+wait
+
+$PY - "${SET[@]}" <<'PY'
+import json, platform, sys
+from dataclasses import asdict
+from pathlib import Path
+import torch, transformers
+from blip2lab.recipes.shapes import preset_with
+preset = asdict(preset_with("default", sys.argv[1:]))
+stage1 = json.loads(Path("runs/shapes/stage1/timing.json").read_text())
+for run, name in (("stage1", "shapes-stage1"), ("opt", "shapes-opt"), ("t5", "shapes-t5")):
+    timing = {"stage1": stage1} | ({} if run == "stage1" else
+                                   {"stage2": json.loads((Path("runs/shapes") / run / "timing.json").read_text())})
+    recipe = {"command": "bash scripts/ship_shapes.sh", "seed": 0, "threads": 1, "preset": preset, "timing": timing,
+              "stored_as": "float16", "torch": torch.__version__, "transformers": transformers.__version__,
+              "machine": platform.machine()}
+    (Path("models") / name / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+PY
