@@ -40,7 +40,12 @@ for run, name, link in (("stage1", "shapes-stage1", None), ("opt", "shapes-opt",
                         ("t5", "shapes-t5", "../shapes-stage1")):
     out = Path("models") / name
     shutil.rmtree(out, ignore_errors=True)
-    blip2lab.load(Path("runs/shapes") / run).save(out, dtype=torch.float16, retrieval=link)
+    pipe = blip2lab.load(Path("runs/shapes") / run)
+    cfg = pipe.model.config  # provenance paths relative to the repository, not this machine's
+    cfg.qformer.init_from = "models/backbones/bert"
+    if cfg.llm.name_or_path is not None:
+        cfg.llm.name_or_path = f"models/backbones/{run}"
+    pipe.save(out, dtype=torch.float16, retrieval=link)
 PY
 fi
 
