@@ -38,7 +38,7 @@ MODEL = "shapes-opt"  # a shipped model (full mode, when in models/); otherwise 
 if SMALL:
     PRESET, OVERRIDES, N_SCENES = "tiny", ["n_train=64", "stage1_steps=4", "stage1_batch=8", "warmup=1"], 4
 else:
-    PRESET, OVERRIDES, N_SCENES = "default", ["n_train=10000", "stage1_steps=300"], 200
+    PRESET, OVERRIDES, N_SCENES = "default", ["n_train=10000", "stage1_steps=300"], 1000
 SEED = 0
 
 # %%
