@@ -69,7 +69,7 @@ class Gallery:
             raise ValueError(f"{len(images)} images but {len(keys)} keys")
         if not images:
             return
-        model, _ = pipe._scorer()
+        model, _ = pipe.scorer()
         tokens, proj = [], []
         for start in range(0, len(images), batch):
             x = pipe._image(list(images[start:start + batch]), model)  # (b, N, D_v)
@@ -101,7 +101,7 @@ class Gallery:
         """The k images that best match `text`."""
         if not self.num_images:
             raise ValueError("the gallery holds no images to search")
-        model, proc = pipe._scorer()
+        model, proc = pipe.scorer()
         t = {n: v.to(pipe.device) for n, v in proc.qformer_text([text]).items()}  # (1, T) each
         text_proj = model.text_features(t["text_ids"], t["text_mask"]).proj  # (1, E)
         itc = model.itc_cosine(self.image_proj, text_proj)[:, 0]  # (M,)
@@ -115,7 +115,7 @@ class Gallery:
         """The k texts that best match `image` (anything the processor loads)."""
         if not self.num_texts:
             raise ValueError("the gallery holds no texts to search")
-        model, proc = pipe._scorer()
+        model, proc = pipe.scorer()
         x = pipe._image([image], model)  # (1, N, D_v)
         itc = model.itc_cosine(model.image_features(x).proj, self.text_proj)[0]  # (K,)
         top = itc.topk(min(k, self.num_texts)).indices  # (k,)

@@ -132,10 +132,10 @@ class Blip2Pipeline:
 
     # -- matching and embeddings ---------------------------------------------------------
 
-    def _scorer(self) -> tuple[Blip2, Blip2Processor]:
-        # A retrieval model, when given, wins over the model's own heads: after stage 2 the
-        # Q-Former has moved on from the stage-1 heads it kept (BLIP-2 retrieves with the
-        # stage-1 model too, never with the stage-2 one).
+    def scorer(self) -> tuple[Blip2, Blip2Processor]:
+        """The (model, processor) that matches, embeds and retrieves: a retrieval model, when
+        given, wins over the model's own heads: after stage 2 the Q-Former has moved on from
+        the stage-1 heads it kept (BLIP-2 retrieves with the stage-1 model, never the stage-2 one)."""
         if self.retrieval is not None:
             return self.retrieval, self.retrieval_processor
         if self.model.has_stage1_heads:
@@ -148,7 +148,7 @@ class Blip2Pipeline:
         """Scores of image i with text i (a single image or text is broadcast):
         `itm_prob` (ITM head, softmax probability of "match"), `itm_logit` (its raw
         positive logit) and `itc_cosine` (the ITC cosine, max over queries; not a probability)."""
-        model, proc = self._scorer()
+        model, proc = self.scorer()
         image, texts = _pair_up(self._image(images, model), texts, "texts")
         t = {k: v.to(self.device) for k, v in proc.qformer_text(texts).items()}
         logits = model.itm_logits(image, t["text_ids"], t["text_mask"])  # (B, 2)
@@ -160,13 +160,13 @@ class Blip2Pipeline:
     @torch.no_grad()
     def embed_images(self, images: Any) -> Tensor:
         """ITC image embeddings, L2-normalised, one per query: (B, Q, E)."""
-        model, _ = self._scorer()
+        model, _ = self.scorer()
         return model.image_features(self._image(images, model)).proj
 
     @torch.no_grad()
     def embed_texts(self, texts: str | Sequence[str]) -> Tensor:
         """ITC text embeddings ([CLS] projection), L2-normalised: (B, E)."""
-        model, proc = self._scorer()
+        model, proc = self.scorer()
         t = {k: v.to(self.device) for k, v in proc.qformer_text([texts] if isinstance(texts, str) else texts).items()}
         return model.text_features(t["text_ids"], t["text_mask"]).proj
 
@@ -180,7 +180,7 @@ class Blip2Pipeline:
 
     def gradcam(self, image: Any, text: str, layer: Optional[int] = None) -> GradCam:
         """Grad-CAM of the ITM score of (image, text), per word, at one cross-attention layer."""
-        model, proc = self._scorer()
+        model, proc = self.scorer()
         t = {k: v.to(self.device) for k, v in proc.qformer_text([text]).items()}
         tok = proc.qformer_tokenizer
         tokens = tok.convert_ids_to_tokens(t["text_ids"][0].tolist())

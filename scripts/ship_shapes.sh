@@ -31,10 +31,9 @@ wait
 
 # The pipeline folders, in fp16, without training logs and checkpoints.
 $PY - <<'PY'
-import json, platform, shutil
-from dataclasses import asdict
+import shutil
 from pathlib import Path
-import torch, transformers
+import torch
 import blip2lab
 for run, name, link in (("stage1", "shapes-stage1", None), ("opt", "shapes-opt", "../shapes-stage1"),
                         ("t5", "shapes-t5", "../shapes-stage1")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -162,3 +163,13 @@ class AppProcess:
             except Exception:
                 self.proc.kill()
         self._log_file.close()
+
+
+@contextmanager
+def running_app(tmp_dir: Path, gallery_size: int = 300, **env: str):
+    """The app on the test model (model_for_tests), serving until the block ends."""
+    app = AppProcess(model_for_tests(tmp_dir), tmp_dir / "app.log", gallery_size=gallery_size, **env)
+    try:
+        yield app.wait()
+    finally:
+        app.stop()

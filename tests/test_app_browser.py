@@ -7,7 +7,7 @@ in the test's output folder. The browser is never downloaded (no `playwright ins
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from app_fixture import ROOT, AppProcess, model_for_tests
+from app_fixture import ROOT, running_app
 
 ASSETS = ROOT / "assets" / "examples"
 CHROMIUM = "/usr/bin/chromium"
@@ -18,12 +18,8 @@ TIMEOUT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("app")
-    app = AppProcess(model_for_tests(tmp), tmp / "app.log", gallery_size=100)
-    try:
-        yield app.wait()
-    finally:
-        app.stop()
+    with running_app(tmp_path_factory.mktemp("app"), gallery_size=100) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

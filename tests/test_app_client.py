@@ -9,10 +9,6 @@ With models/shapes-opt present the app runs it; otherwise a tiny random pipeline
 the shipped model and fails without it.
 """
 
-import concurrent.futures
-import json
-import time
-
 import httpx
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from app_fixture import ROOT, AppProcess, model_for_tests, shipped_model_available
+from app_fixture import ROOT, running_app, shipped_model_available
 from blip2lab.data import shapes as world
 
 ASSETS = ROOT / "assets" / "examples"
@@ -31,12 +27,8 @@ EMPTY = [["none", "red", "large"]] * 6  # the composer's six cells, all empty
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("app")
-    app = AppProcess(model_for_tests(tmp), tmp / "app.log", gallery_size=GALLERY_SIZE, SPACE_ID="blip2lab/test")
-    try:
-        yield app.wait()
-    finally:
-        app.stop()
+    with running_app(tmp_path_factory.mktemp("app"), gallery_size=GALLERY_SIZE, SPACE_ID="blip2lab/test") as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -840,6 +840,31 @@ def _recipe(function: str, call: dict, seconds: float, n_params: int, metrics: d
             "metrics": metrics, "eval_curve": curve, "loss_curve": _loss_curve(history)}
 
 
+def _train_and_save(function: str, call: dict, objective: nn.Module, tokenizer, stream, cfg, quick_eval,
+                    eval_every: int, log_path, progress: bool, metrics_fn, final_eval: bool, seed: int, out_dir) -> dict:
+    """What every pretrain_* ends with: train on the shared loop, evaluate with `metrics_fn`,
+    save the model, tokenizer and recipe.json, and return the figures."""
+    model = objective.model
+    history, curve, seconds = _run(objective, stream, cfg, quick_eval, eval_every,
+                                   None if log_path is None else Path(log_path), progress)
+    model.eval()
+    metrics = metrics_fn(model, tokenizer, seed) if final_eval else {}
+    metrics["final_loss"] = round(sum(h["loss"] for h in history[-50:]) / min(50, len(history)), 4)
+    n_params = sum(p.numel() for p in model.parameters())
+    if out_dir is not None:
+        _save(model, tokenizer, out_dir, _recipe(function, call, seconds, n_params, metrics, history, curve))
+    return {**metrics, "train_seconds": seconds, "params": n_params, "eval_curve": curve,
+            "history": history, "_objects": (model, tokenizer)}
+
+
+def _qa_quick_eval(model, tokenizer, scenes, **kwargs):
+    """The periodic in-context QA check of the OPT and T5 runs (overall and per type)."""
+    def quick_eval() -> dict:
+        r = in_context_qa_accuracy(model, tokenizer, scenes, **kwargs)
+        return {"qa": round(r["overall"], 4), **{t: round(v, 3) for t, v in r["per_type"].items()}}
+    return quick_eval
+
+
 def opt_metrics(model, tokenizer, seed: int = 0, n_test: int = 300, n_novel: int = 150, n_caption: int = 200) -> dict:
     """The OPT's scorecard on test scenes (never the training stream): in-context QA in both
     layouts, on the seen and the novel (held-out pair) parts, and caption copying."""
@@ -888,23 +913,9 @@ def pretrain_opt(out_dir: Optional[str | Path], steps: int = 5000, seed: int = 0
     collate = decoder_collate(tokenizer.pad_token_id)
     stream = BatchStream(_Rows(length_buckets(rows, batch_size, seed)), 1, lambda items: collate(items[0]), seed=seed)
     cfg = _train_config(steps, batch_size, lr, warmup, seed, min_lr_ratio, weight_decay)
-    eval_test = make_split("test", eval_scenes, seed + 1)
-
-    def quick_eval() -> dict:
-        r = in_context_qa_accuracy(model, tokenizer, eval_test, layout="context")
-        return {"qa": round(r["overall"], 4), **{t: round(v, 3) for t, v in r["per_type"].items()}}
-
-    objective = CausalLMPretraining(model)
-    history, curve, seconds = _run(objective, stream, cfg, quick_eval, eval_every,
-                                   None if log_path is None else Path(log_path), progress)
-    model.eval()
-    metrics = opt_metrics(model, tokenizer, seed) if final_eval else {}
-    metrics["final_loss"] = round(sum(h["loss"] for h in history[-50:]) / min(50, len(history)), 4)
-    n_params = sum(p.numel() for p in model.parameters())
-    if out_dir is not None:
-        _save(model, tokenizer, out_dir, _recipe("pretrain_opt", call, seconds, n_params, metrics, history, curve))
-    return {**metrics, "train_seconds": seconds, "params": n_params, "eval_curve": curve,
-            "history": history, "_objects": (model, tokenizer)}
+    quick_eval = _qa_quick_eval(model, tokenizer, make_split("test", eval_scenes, seed + 1), layout="context")
+    return _train_and_save("pretrain_opt", call, CausalLMPretraining(model), tokenizer, stream, cfg, quick_eval,
+                           eval_every, log_path, progress, opt_metrics, final_eval, seed, out_dir)
 
 
 def t5_metrics(model, tokenizer, seed: int = 0, n_test: int = 300, n_novel: int = 150, n_caption: int = 200) -> dict:
@@ -940,23 +951,9 @@ def pretrain_t5(out_dir: Optional[str | Path], steps: int = 3000, seed: int = 0,
     buckets = length_buckets(examples, batch_size, seed, length=lambda ex: len(ex[0]) + len(ex[1]))  # characters
     stream = BatchStream(_Rows(buckets), 1, lambda items: collate(items[0]), seed=seed)
     cfg = _train_config(steps, batch_size, lr, warmup, seed, min_lr_ratio, weight_decay)
-    eval_test = make_split("test", eval_scenes, seed + 1)
-
-    def quick_eval() -> dict:
-        r = in_context_qa_accuracy(model, tokenizer, eval_test)
-        return {"qa": round(r["overall"], 4), **{t: round(v, 3) for t, v in r["per_type"].items()}}
-
-    objective = Seq2SeqPretraining(model)
-    history, curve, seconds = _run(objective, stream, cfg, quick_eval, eval_every,
-                                   None if log_path is None else Path(log_path), progress)
-    model.eval()
-    metrics = t5_metrics(model, tokenizer, seed) if final_eval else {}
-    metrics["final_loss"] = round(sum(h["loss"] for h in history[-50:]) / min(50, len(history)), 4)
-    n_params = sum(p.numel() for p in model.parameters())
-    if out_dir is not None:
-        _save(model, tokenizer, out_dir, _recipe("pretrain_t5", call, seconds, n_params, metrics, history, curve))
-    return {**metrics, "train_seconds": seconds, "params": n_params, "eval_curve": curve,
-            "history": history, "_objects": (model, tokenizer)}
+    quick_eval = _qa_quick_eval(model, tokenizer, make_split("test", eval_scenes, seed + 1))
+    return _train_and_save("pretrain_t5", call, Seq2SeqPretraining(model), tokenizer, stream, cfg, quick_eval,
+                           eval_every, log_path, progress, t5_metrics, final_eval, seed, out_dir)
 
 
 def bert_metrics(model, tokenizer, seed: int = 0, n_test: int = 1000) -> dict:
@@ -988,16 +985,8 @@ def pretrain_bert(out_dir: Optional[str | Path], steps: int = 1500, seed: int = 
         return {"masked_accuracy": round(masked_token_accuracy(model, tokenizer, held_out)["masked_accuracy"], 4)}
 
     objective = MaskedLMPretraining(model, tokenizer.mask_token_id, _bert_first_word(tokenizer))
-    history, curve, seconds = _run(objective, stream, cfg, quick_eval, eval_every,
-                                   None if log_path is None else Path(log_path), progress)
-    model.eval()
-    metrics = bert_metrics(model, tokenizer, seed) if final_eval else {}
-    metrics["final_loss"] = round(sum(h["loss"] for h in history[-50:]) / min(50, len(history)), 4)
-    n_params = sum(p.numel() for p in model.parameters())
-    if out_dir is not None:
-        _save(model, tokenizer, out_dir, _recipe("pretrain_bert", call, seconds, n_params, metrics, history, curve))
-    return {**metrics, "train_seconds": seconds, "params": n_params, "eval_curve": curve,
-            "history": history, "_objects": (model, tokenizer)}
+    return _train_and_save("pretrain_bert", call, objective, tokenizer, stream, cfg, quick_eval,
+                           eval_every, log_path, progress, bert_metrics, final_eval, seed, out_dir)
 
 
 # -- loading ------------------------------------------------------------------------------------------

@@ -309,9 +309,7 @@ def eval_retrieval(pipe: Blip2Pipeline, scenes: list, k_test: int) -> dict:
     """Recall@1/5/10 both ways over a gallery with distinct captions, ITC only and ITM re-ranked."""
     from ..evaluate import retrieval_eval
 
-    # The model that scores for the pipeline (Blip2Pipeline._scorer): a linked retrieval
-    # model first (a stage-2 Q-Former has drifted from the stage-1 heads it kept).
-    model = pipe.retrieval if pipe.retrieval is not None else pipe.model
+    model, _ = pipe.scorer()  # a linked stage-1 model first: a stage-2 Q-Former has left its heads behind
     images = pipe.processor.images(_images(scenes))
     with torch.no_grad():
         embeds = torch.cat([model.encode_image(images[i:i + 256]) for i in range(0, len(scenes), 256)])
