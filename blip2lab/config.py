@@ -54,10 +54,19 @@ class VisionConfig:
     """The frozen image encoder (paper Sec. 3.1: EVA-CLIP ViT-g without its last block)."""
 
     # "open_clip": any open_clip vision tower (custom sizes below, or `model_name`);
-    # "hf_blip2": transformers' Blip2VisionModel, the layout of the official checkpoints.
-    backend: Literal["open_clip", "hf_blip2"] = "open_clip"
-    # An open_clip architecture name (e.g. "ViT-B-16"); None builds the ViT described below.
+    # "hf_blip2": transformers' Blip2VisionModel, the layout of the official checkpoints;
+    # "efficientnet": a timm EfficientNet CNN (`model_name`), its feature map as tokens. For
+    # it `layers` counts the feature taps (the stages, then the head conv), `patch_size` is
+    # the chosen tap's stride and `width` its channels; heads, mlp_dim and the LayerNorm
+    # eps do not apply.
+    backend: Literal["open_clip", "hf_blip2", "efficientnet"] = "open_clip"
+    # An open_clip architecture name (e.g. "ViT-B-16"; None builds the ViT described below),
+    # or the timm name of the EfficientNet (e.g. "tf_efficientnet_lite0").
     model_name: Optional[str] = None
+    # Pretrained tower weights loaded when the encoder is built: a state-dict file, or
+    # `package:NAME/path` inside an installed package (blip2lab.sources). None: random
+    # weights, for a checkpoint to fill (the open_clip and HF backends always start so).
+    weights: Optional[str] = None
     image_size: int = 224  # the paper pre-trains at 224 px
     patch_size: int = 14  # EVA ViT-g: 14 -> 16x16 patches + [CLS] = 257 tokens
     width: int = 1408  # D_v; 1408 for EVA ViT-g, 1024 for CLIP ViT-L
@@ -77,13 +86,13 @@ class VisionConfig:
     std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self) -> None:
-        _check(self.backend in ("open_clip", "hf_blip2"),
-               f"vision.backend must be 'open_clip' or 'hf_blip2', got {self.backend!r}")
+        _check(self.backend in ("open_clip", "hf_blip2", "efficientnet"),
+               f"vision.backend must be 'open_clip', 'hf_blip2' or 'efficientnet', got {self.backend!r}")
         for name in ("image_size", "patch_size", "width", "layers", "heads"):
             _check(getattr(self, name) > 0, f"vision.{name} must be > 0, got {getattr(self, name)}")
         _check(self.image_size % self.patch_size == 0,
                f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size ({self.patch_size})")
-        _check(self.width % self.heads == 0,
+        _check(self.backend == "efficientnet" or self.width % self.heads == 0,
                f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
         _check(-self.layers <= self.layer_index < self.layers,
                f"vision.layer_index ({self.layer_index}) is outside a tower of {self.layers} layers")
@@ -99,7 +108,8 @@ class VisionConfig:
 
     @property
     def num_tokens(self) -> int:
-        """N: patch tokens plus [CLS] (257 at 224 px / 14)."""
+        """N: patch tokens plus [CLS] (257 at 224 px / 14). A CNN's first token is its
+        feature map's mean, in [CLS]'s place (50 for EfficientNet's 7x7 head map)."""
         return self.grid_size**2 + 1
 
     @property

@@ -66,11 +66,14 @@ def _returned_cache(out):
 
 def load_llm(cfg) -> nn.Module:
     """The frozen LLM named by an `LLMConfig`: a transformers model folder (or a hub id where a
-    hub is reachable), in the precision `pick_dtype` chooses for the CPU."""
+    hub is reachable; a `package:` path or a `.gguf` file, see sources.local_model), in the
+    precision `pick_dtype` chooses for the CPU."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from .sources import local_model
+
     auto = AutoModelForCausalLM if cfg.kind == "decoder" else AutoModelForSeq2SeqLM
-    return auto.from_pretrained(cfg.name_or_path, dtype=pick_dtype(cfg.dtype, cfg.kind, "cpu"))
+    return auto.from_pretrained(local_model(cfg.name_or_path), dtype=pick_dtype(cfg.dtype, cfg.kind, "cpu"))
 
 
 class LanguageModel(nn.Module):

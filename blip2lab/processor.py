@@ -265,10 +265,14 @@ def make_qformer_tokenizer(base):
 
 
 def tokenizer_from_path(path: str | os.PathLike):
-    """`AutoTokenizer.from_pretrained`, offline when `path` is a local folder."""
+    """`AutoTokenizer.from_pretrained`, offline when `path` is a local folder (a `package:`
+    path or a `.gguf` file is resolved first, see sources.local_model)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=Path(path).is_dir())
+    from .sources import local_model
+
+    path = local_model(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=Path(path).is_dir())
 
 
 def clean_caption(text: str, max_words: int = 50) -> str:

@@ -383,7 +383,10 @@ def vision_config_from_hf(hf_vision_config) -> VisionConfig:
 
 def build_image_encoder(cfg: VisionConfig) -> ImageEncoder:
     """The frozen image encoder described by `cfg`, ready for BLIP-2 (already frozen)."""
-    builders = {"open_clip": OpenClipImageEncoder.from_config, "hf_blip2": HFBlip2ImageEncoder.from_config}
+    from .efficientnet import EfficientNetImageEncoder  # a CNN tower; that module builds on this one
+
+    builders = {"open_clip": OpenClipImageEncoder.from_config, "hf_blip2": HFBlip2ImageEncoder.from_config,
+                "efficientnet": EfficientNetImageEncoder.from_config}
     if cfg.backend not in builders:
         raise ConfigError(f"vision.backend must be one of {sorted(builders)}, got {cfg.backend!r}")
     return builders[cfg.backend](cfg).freeze()

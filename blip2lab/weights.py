@@ -252,14 +252,21 @@ def bert_table(cfg: QFormerConfig, theirs_prefix: str = "") -> dict[str, Keys]:
 
 
 def init_qformer_from_bert(qformer: nn.Module, path: str | Path) -> list[str]:
-    """Copy a BERT-like checkpoint in transformers format (a folder) into `qformer`.
-    Returns the checkpoint keys deliberately not used, for the caller to report.
+    """Copy a BERT-like checkpoint in transformers format (a folder, or a `package:` path:
+    sources.local_model) into `qformer`. Returns the checkpoint keys deliberately not
+    used, for the caller to report.
 
     Deviations (as LAVIS): BERT's token-type embeddings and pooler are dropped (the
     Q-Former has neither); BERT's vocabulary may be one shorter than ours ([DEC] was
-    added): those rows keep their random init."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
+    added): those rows keep their random init. A checkpoint saved without the MLM head
+    (a sentence-embedding BERT such as all-MiniLM-L6-v2: `architectures` names no
+    `*ForMaskedLM`) is read as a bare encoder, and the Q-Former's LM head keeps its own
+    init (its decoder is tied to the copied word embeddings)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
+    from .sources import local_model
+
+    path = local_model(path)
     cfg: QFormerConfig = qformer.cfg
     bert_cfg = AutoConfig.from_pretrained(str(path))
     for ours, theirs in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
@@ -270,14 +277,19 @@ def init_qformer_from_bert(qformer: nn.Module, path: str | Path) -> list[str]:
                                f"({getattr(bert_cfg, theirs)}) at {path}")
     if bert_cfg.vocab_size > cfg.vocab_size:
         raise WeightsError(f"the BERT vocabulary ({bert_cfg.vocab_size}) exceeds qformer.vocab_size ({cfg.vocab_size})")
-    bert = AutoModelForMaskedLM.from_pretrained(str(path))
+    has_head = any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in bert_cfg.architectures or ())
+    auto = AutoModelForMaskedLM if has_head else AutoModel
+    bert, info = auto.from_pretrained(str(path), output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:  # transformers would have left them random
+        raise WeightsError(f"{path} does not fill a {type(bert).__name__}: missing {sorted(info['missing_keys'])}, "
+                           f"mismatched {sorted(info['mismatched_keys'])}")
     state = {k.removeprefix("bert."): v for k, v in bert.state_dict().items()}
     table = bert_table(cfg)
-    head = {"lm_head.dense.weight": "cls.predictions.transform.dense.weight",
-            "lm_head.dense.bias": "cls.predictions.transform.dense.bias",
-            "lm_head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
-            "lm_head.norm.bias": "cls.predictions.transform.LayerNorm.bias"}
-    table |= head
+    if has_head:
+        table |= {"lm_head.dense.weight": "cls.predictions.transform.dense.weight",
+                  "lm_head.dense.bias": "cls.predictions.transform.dense.bias",
+                  "lm_head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
+                  "lm_head.norm.bias": "cls.predictions.transform.LayerNorm.bias"}
     new = remap(state, table, source=str(path),
                 ignore=("embeddings.token_type_embeddings", "embeddings.word_embeddings", "embeddings.position_ids",
                         "pooler.", "cls.predictions.bias", "cls.predictions.decoder"))
