@@ -61,3 +61,22 @@ def test_preset_overrides_are_checked():
     assert recipe.preset_with("tiny", ["stage1_steps=7"]).stage1_steps == 7
     with pytest.raises(ValueError, match="unknown preset field"):
         recipe.preset_with("tiny", ["stage1_stepz=7"])
+
+
+def test_stage1_siblings_share_a_batch():
+    import torch
+
+    scenes = recipe.with_siblings(recipe.world.make_split("train", 8, 0), seed=0)
+    data = recipe.Stage1Data(torch.zeros(16, 3, 4), scenes, seed=0, siblings=True)
+    assert len(data) == 8
+    original, sibling = data[2]
+    assert (original["image_id"], sibling["image_id"]) == (2, 10)
+    a, b = scenes[2], scenes[10]
+    assert sorted(o.as_tuple()[:3] for o in a.objects) == sorted(o.as_tuple()[:3] for o in b.objects)
+    assert recipe.world.caption(a) != recipe.world.caption(b)
+    preset = recipe.preset_with("tiny", ["stage1_siblings=true", "stage1_batch=8"])
+    processor = recipe.processor_for(recipe.shapes_config(None, preset), recipe.BACKBONES)
+    batch = recipe.stage1_stream(torch.zeros(16, 3, 4), scenes, preset, processor, seed=0)(0)
+    assert batch["image_embeds"].shape[0] == 8  # 4 (original, sibling) pairs
+    ids = batch["image_ids"].tolist()
+    assert sorted(i % 8 for i in ids[0::2]) == sorted(i % 8 for i in ids[1::2]) and all(i >= 8 for i in ids[1::2])

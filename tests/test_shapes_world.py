@@ -260,3 +260,14 @@ def test_datasets_and_retrieval_gallery():
     dup = S.make_split("test", 300, 0)
     kept = S.distinct_caption_scenes(dup)
     assert len({S.caption(s) for s in kept}) == len(kept) == len({S.caption(s) for s in dup})
+
+
+def test_rearranged_moves_objects_only():
+    rng = random.Random(3)
+    for _ in range(300):
+        scene = S.sample_scene(rng, max_objects=rng.randint(1, 6))
+        moved = S.rearranged(scene, rng)
+        assert S.caption(moved) != S.caption(scene)  # positions differ, even with twin objects
+        assert sorted(o.as_tuple()[:3] for o in moved.objects) == sorted(o.as_tuple()[:3] for o in scene.objects)
+        assert len({o.cell for o in moved.objects}) == len(moved.objects)
+    assert S.rearranged(scene, 7).to_json() == S.rearranged(scene, 7).to_json()

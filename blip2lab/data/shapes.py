@@ -226,6 +226,24 @@ def sample_scene(rng: Union[random.Random, np.random.Generator, int, None] = Non
     return Scene(objects=objects, image_size=image_size)
 
 
+def rearranged(scene: Scene, rng: Union[random.Random, np.random.Generator, int, None] = None) -> Scene:
+    """The same objects (shape, colour, size, jitter) moved to other cells, so that the scene
+    differs from `scene` in positions alone (its canonical caption always differs)."""
+    rng = _as_random(rng)
+    cells = [(r, c) for r in ROWS for c in COLUMNS]
+    old = [(o.row, o.column) for o in scene.objects]
+    while True:
+        new = rng.sample(cells, len(old))
+        if sorted(zip(new, (o.as_tuple()[:3] for o in scene.objects))) != sorted(
+                zip(old, (o.as_tuple()[:3] for o in scene.objects))):
+            break
+    jitter = JITTER_PX * scene.image_size / REFERENCE_SIZE
+    objects = [place_object(o.shape, o.color, o.size, row, column, image_size=scene.image_size,
+                            dx=rng.uniform(-jitter, jitter), dy=rng.uniform(-jitter, jitter))
+               for o, (row, column) in zip(scene.objects, new)]
+    return Scene(objects=objects, image_size=scene.image_size)
+
+
 # -- rendering ----------------------------------------------------------------------------
 
 

@@ -76,14 +76,16 @@ def _run_key(stage: str, preset: R.ShapesPreset, seed: int, backbones: Path, par
     return json.dumps([stage, asdict(preset), seed, towers, start.key if start is not None else None], sort_keys=True)
 
 
-def train_features(preset: R.ShapesPreset, seed: int, backbones: Path = R.BACKBONES) -> tuple[list, torch.Tensor]:
-    """(training scenes, their frozen features (n, N, D_v) fp16), computed once per
-    (image encoder, n_train, seed) in this process."""
-    key = (str(Path(backbones).resolve() / "vit"), preset.n_train, seed)
+def train_features(preset: R.ShapesPreset, seed: int, backbones: Path = R.BACKBONES,
+                   stage: int = 2) -> tuple[list, torch.Tensor]:
+    """(training scenes of `stage`, their frozen features (n, N, D_v) fp16), computed once per
+    (image encoder, n_train, seed, stage-1 siblings or not) in this process."""
+    siblings = stage == 1 and preset.stage1_siblings
+    key = (str(Path(backbones).resolve() / "vit"), preset.n_train, seed, siblings)
     if key not in _FEATURES:
         config = R.shapes_config(None, preset, backbones)
         model = R.build_model(config, backbones)
-        scenes = R._train_scenes(preset, seed)
+        scenes = R._train_scenes(preset, seed, stage)
         _FEATURES[key] = scenes, R.cache_features(model, scenes, R.processor_for(config, backbones))
     return _FEATURES[key]
 
@@ -124,8 +126,8 @@ def run_stage1(preset: R.ShapesPreset, seed: int = 0, backbones: Path = R.BACKBO
     if reuse and key in _RUNS:
         return _RUNS[key]
     model, processor = _build(None, preset, seed, backbones)
-    scenes, feats = train_features(preset, seed, backbones)
-    data = BatchStream(R.Stage1Data(feats, scenes, seed), preset.stage1_batch, R.stage1_collate(processor), seed=seed)
+    scenes, feats = train_features(preset, seed, backbones, stage=1)
+    data = R.stage1_stream(feats, scenes, preset, processor, seed)
     run = _fit(model, processor, data, 1, preset, seed, (), None, progress)
     run.key = key
     _RUNS[key] = run
