@@ -16,15 +16,12 @@ D_lm LLM input width, V vocab.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-
-
-from .fast_lm import fast_decoder
+from .fast_lm import FastDecoder, fast_decoder
 from .generation import DecodingConfig, generate, kv_reorder
 
 Kind = Literal["decoder", "encoder_decoder"]
@@ -87,8 +84,12 @@ class LanguageModel(nn.Module):
         # inside; its inputs are 512 wide).
         self.projection = nn.Linear(qformer_width, self.width)  # HF `language_projection`
         self._cache_arg = _cache_name(model)
-        # The lean decode path (fast_lm.py) for OPT / Llama; False forces transformers' forward.
+        # The lean decode path (fast_lm.py) for OPT / Llama / T5; False forces transformers' forward.
         self.use_fast_decode = True
+        # Its static buffers + CUDA graphs (fast_lm.StaticSteps): None = on CUDA only; True
+        # forces them (eagerly replayed off CUDA, as the tests do), False turns them off.
+        self.static_decode: Optional[bool] = None
+        self._fast: Optional[tuple] = None  # (the LLM it was built for, its FastDecoder or None)
         self.freeze()
 
     @property
@@ -110,8 +111,9 @@ class LanguageModel(nn.Module):
         return self.model.get_input_embeddings()(ids)  # (B, T, D_lm)
 
     def visual_prompt(self, queries: Tensor) -> Tensor:
-        """Q-Former query outputs (B, Q, D_q) -> soft visual prompt (B, Q, D_lm) in the LLM's dtype."""
-        return self.projection(queries).to(self.model.dtype)
+        """Q-Former query outputs (B, Q, D_q) -> soft visual prompt (B, Q, D_lm) in the LLM's dtype.
+        A Q-Former kept in fp32 before a bf16 projection is cast down first, as transformers does."""
+        return self.projection(queries.to(self.projection.weight.dtype)).to(self.model.dtype)
 
     # -- training ------------------------------------------------------------------------
 
@@ -158,37 +160,39 @@ class LanguageModel(nn.Module):
         ones = torch.ones(B, Q, dtype=llm_mask.dtype, device=llm_mask.device)
         prefix = torch.cat([visual, self.embed(llm_ids)], dim=1)  # (B, Q + T, D_lm)
         mask = torch.cat([ones, llm_mask], dim=1)  # (B, Q + T)
+        fast = self.fast_decoder()
+        rows = B * decoding.num_beams if decoding.uses_beams else B  # state rows after the first step
+        static = self.static_decode if self.static_decode is not None else prefix.device.type == "cuda"
         if self.kind == "decoder":
             start = llm_ids[:, -1:]  # stands for the prompt; the first step feeds `prefix` instead
-            fast = fast_decoder(self.model) if self.use_fast_decode else None
             if fast is not None:
-                state = fast.new_state(B, prefix.shape[1] + decoding.max_new_tokens, prefix.dtype, prefix.device)
-                state["mask"][:, : mask.shape[1]] = mask.bool()
-                state["padded"] = not bool(mask.all())
-                state["prefix"] = prefix
-                step, reorder = partial(self._fast_step, fast), fast.reorder
+                call = fast.start(prefix, mask, rows, prefix.shape[1] + decoding.max_new_tokens, static)
+                step, state, reorder = call.step, call.state, call.reorder
             else:
                 state = {"prefix": prefix, "mask": mask, "cache": None}
                 step, reorder = self._decoder_step, kv_reorder
             return generate(step, start, state, decoding, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, reorder=reorder, history_ids=llm_ids)
+        # The encoder runs once per image, never per beam.
         encoder_out = self.model.get_encoder()(inputs_embeds=prefix, attention_mask=mask).last_hidden_state
         start = torch.full((B, 1), self.model.config.decoder_start_token_id, dtype=torch.long, device=llm_ids.device)
-        state = {"encoder": encoder_out, "encoder_mask": mask, "cache": None}
-        return generate(self._encoder_decoder_step, start, state, decoding, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, reorder=kv_reorder)
-
-    def _fast_step(self, fast, new_ids: Tensor, state: dict) -> tuple[Tensor, dict]:
-        """One step of the lean decoder (fast_lm.py) over its static cache."""
-        if state["prefix"] is not None:  # the first step: visual prompt + text prompt at once
-            embeds, state["prefix"] = state["prefix"], None
-            real = state["mask"][:, : embeds.shape[1]].long()
-            positions = (real.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding does not shift them
+        if fast is not None:
+            call = fast.start(encoder_out, mask, rows, decoding.max_new_tokens, static)
+            step, state, reorder = call.step, call.state, call.reorder
         else:
-            embeds = self.embed(new_ids)  # (B, 1, D_lm)
-            positions = state["mask"][:, : state["length"]].sum(1, keepdim=True)  # real tokens before it
-            state["mask"][:, state["length"]] = True
-        return fast.forward(embeds, positions, state).float(), state
+            state = {"encoder": encoder_out, "encoder_mask": mask, "cache": None}
+            step, reorder = self._encoder_decoder_step, kv_reorder
+        return generate(step, start, state, decoding, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, reorder=reorder)
+
+    def fast_decoder(self) -> Optional[FastDecoder]:
+        """The lean decoder (fast_lm.py), built once so its static buffers and CUDA graphs
+        outlive a call; None where transformers' forward must run (or use_fast_decode is off)."""
+        if not self.use_fast_decode:
+            return None
+        if self._fast is None or self._fast[0] is not self.model:
+            self._fast = (self.model, fast_decoder(self.model))
+        return self._fast[1]
 
     def _decoder_step(self, new_ids: Tensor, state: dict) -> tuple[Tensor, dict]:
         mask = state["mask"]  # (B, P) over everything cached so far, plus the new tokens below

@@ -278,6 +278,8 @@ class QFormer(nn.Module):
         if B == 0:
             raise ValueError("empty batch: the Q-Former got 0 examples")
         x = self.embed(text_ids, B, with_queries, position_offset)  # (B, L, D_q)
+        if image is not None:  # a bf16 image tower before an fp32 Q-Former (as transformers keeps it)
+            image = image.to(x.dtype)
         Q = self.cfg.num_queries if with_queries else 0
         new_kv, self_attns, cross_attns = [], [], []
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,50 @@
+"""benchmarks/gpu.sh's CPU dry run (--tiny): the same code as the real-size GPU run, with
+the packages a bare CUDA machine lacks (open_clip, gradio, scipy, ...) made unimportable,
+writes a JSON with every figure, each compared, checked and timed."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Not on the GPU machine (torch, transformers, accelerate, timm, numpy, safetensors,
+# tokenizers and their dependencies only).
+ABSENT = ("open_clip", "gradio", "scipy", "faiss", "sklearn", "matplotlib", "pandas", "nbformat", "jupytext")
+FIGURES = ("caption_opt_greedy", "caption_opt_beam5", "caption_t5_greedy", "caption_t5_beam5", "itm", "qformer", "vit")
+
+
+def _blocking_python(tmp_path: Path) -> Path:
+    """An interpreter for gpu.sh's $PYTHON that runs its script with ABSENT unimportable
+    (sys.modules[name] = None: `import` fails and importlib.util.find_spec says None)."""
+    wrapper = tmp_path / "python"
+    prelude = (f"import runpy, sys\nfor name in {ABSENT!r}: sys.modules[name] = None\n"
+               "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+    wrapper.write_text(f"#!/bin/sh\nexec '{sys.executable}' -c \"{prelude}\" \"$@\"\n")
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return wrapper
+
+
+def test_tiny_dry_run_writes_every_figure(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, PYTHON=str(_blocking_python(tmp_path)), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert data["errors"] == {}, data["errors"]
+    assert all(part["status"] == "ok" for part in data["parts"].values()) and len(data["parts"]) == 5
+    assert set(data["figures"]) == set(FIGURES)
+    for name, row in data["figures"].items():
+        assert row["transformers_per_s"] > 0 and row["blip2lab_per_s"] > 0, name
+        assert abs(row["ratio"] - row["blip2lab_per_s"] / row["transformers_per_s"]) < 1e-9, name
+        assert "transformers_peak_gb" in row and "blip2lab_peak_gb" in row, name  # None off CUDA
+        assert name in proc.stdout, name  # one printed line per figure
+        if name.startswith("caption"):
+            assert row["identical"] == row["rows"] == 4, (name, row["identical"])  # tiny: all identical
+        else:
+            assert row["ok"] and row["max_abs_diff"] <= row["tolerance"], name
+    assert 0.0 <= data["figures"]["caption_opt_greedy"]["identical_share_plain_head"] <= 1.0
+    assert data["meta"]["mode"] == "tiny" and data["meta"]["dtype"] == "bfloat16"
