@@ -6,7 +6,8 @@ bf16, EVA ViT-g (1408 wide, 39 layers, 224 px, patch 14) + Q-Former (768 x 12, 3
     bash benchmarks/gpu.sh --tiny [OUT.json]   # CPU dry run of the same code at tiny sizes
 
 Figures, each blip2lab vs transformers on the same weights and inputs, outputs checked, peak
-GPU memory of each (the extra over the weights, measured on its first call):
+GPU memory of each (the extra over the weights, measured on its first call; blip2lab's
+includes the static cache and CUDA graphs it keeps for later calls):
   caption_opt_greedy, caption_opt_beam5, caption_t5_greedy, caption_t5_beam5: 30 new tokens
     at batch 32 (EOS forbidden until then), img/s including the ViT and Q-Former, share of
     the batch's sequences that are token-identical;
@@ -228,15 +229,19 @@ def hf_config(size: Size, lm: str | None):
     )
 
 
-def peaked_head(lm: torch.nn.Module, tokens: int, scale: float, seed: int = 0) -> None:
+def peaked_ids(vocab: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """The fixed random token ids whose output rows `peaked_head` scales."""
+    return torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:tokens]
+
+
+def peaked_head(lm: torch.nn.Module, tokens: int, scale: float) -> None:
     """Give a random LM a trained LM's peaked next-token distribution: the output-embedding
     rows of `tokens` fixed random ids are multiplied by `scale` (in place; for OPT the input
     embeddings share the tensor). Each step then picks among those few tokens, with the
     runner-up far behind: near-ties, which bf16 rounding would decide, become rare."""
     head = lm.get_output_embeddings().weight  # (V, D)
-    ids = torch.randperm(head.shape[0], generator=torch.Generator().manual_seed(seed))[:tokens]
     with torch.no_grad():
-        head[ids.to(head.device)] *= scale
+        head[peaked_ids(head.shape[0], tokens).to(head.device)] *= scale
 
 
 def build_pair(size: Size, lm: str | None, device: torch.device, dtype: torch.dtype):
@@ -309,10 +314,13 @@ def part_caption(size: Size, lm: str, device: torch.device, dtype: torch.dtype, 
         return {"transformers": run_hf, "blip2lab": run_ours}
 
     # Diagnostic: greedy agreement with the plain random head (the peaked rows divided back out).
-    plain = _plain_head_agreement(hf.language_model, size, runners(1))
+    # It is each model's very first generate call: blip2lab's records its CUDA graphs here.
+    plain, plain_s = _plain_head_agreement(hf.language_model, size, runners(1), device)
 
     fast = ours.llm.fast_decoder()
     for beams, name in ((1, f"caption_{lm}_greedy"), (size.beams, f"caption_{lm}_beam5")):
+        if fast is not None:
+            fast.release()  # so the first call's peak memory counts the static cache and graphs it allocates
         result = compare(runners(beams), device, size.repeats)
         a, b = result["out"]["transformers"], result["out"]["blip2lab"]
         same = identical_rows(a, b) if a.shape == b.shape else 0
@@ -321,21 +329,25 @@ def part_caption(size: Size, lm: str, device: torch.device, dtype: torch.dtype, 
                  "batch": B, "blip2lab_cuda_graphs": graphs,
                  "blip2lab_graph_error": next((r.graph_error for r in fast._static.values() if r.graph_error), None)}
         if beams == 1:
-            extra["identical_share_plain_head"] = plain
+            extra |= {"identical_share_plain_head": plain, "transformers_very_first_call_s": plain_s["transformers"],
+                      "blip2lab_very_first_call_s": plain_s["blip2lab"]}
         report.figure(name, figure_row(result, B, "img/s", **extra))
 
 
-def _plain_head_agreement(lm_module: torch.nn.Module, size: Size, fns: dict) -> float | None:
+def _plain_head_agreement(lm_module: torch.nn.Module, size: Size, fns: dict,
+                          device: torch.device) -> tuple[float, dict[str, float]]:
     """Greedy token agreement (share of rows) with the LM head as initialised, before the
-    peaked rows: how close the two implementations' arithmetic is on flat distributions."""
+    peaked rows: how close the two implementations' arithmetic is on flat distributions.
+    Also the seconds of each call."""
     head = lm_module.get_output_embeddings().weight
-    ids = torch.randperm(head.shape[0], generator=torch.Generator().manual_seed(0))[:size.peaked_tokens].to(head.device)
+    ids = peaked_ids(head.shape[0], size.peaked_tokens).to(head.device)
     with torch.no_grad():
         saved = head[ids].clone()
-        head[ids] /= size.peaked_scale
+        head[ids] /= size.peaked_scale  # a power of two: exactly the initial rows again
     try:
-        a, b = fns["transformers"](), fns["blip2lab"]()
-        return identical_rows(a, b) / a.shape[0] if a.shape == b.shape else 0.0
+        (a, ta, _), (b, tb, _) = first_call(fns["transformers"], device), first_call(fns["blip2lab"], device)
+        share = identical_rows(a, b) / a.shape[0] if a.shape == b.shape else 0.0
+        return share, {"transformers": ta, "blip2lab": tb}
     finally:
         with torch.no_grad():
             head[ids] = saved

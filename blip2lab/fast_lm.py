@@ -82,6 +82,7 @@ class FastDecoder:
             "length": 0,  # filled positions
             "padded": True,  # whether any key may be padding (False lets steps skip the mask)
             "prefix": None,  # decoder-only: the prompt's embeddings until the first step eats them
+            "shared": 0,  # leading positions identical across each row's beams (copied at expansion)
         }
 
     # Tensors of the state that follow their row through a beam reorder, and the dim whose
@@ -92,13 +93,18 @@ class FastDecoder:
     _per_source: tuple[str, ...] = ()
 
     def reorder(self, state: dict, index: Tensor, out: Optional[dict] = None) -> dict:
-        """Beam search's `reorder`: keep rows `index`. The same number of rows: in place,
-        copying only the filled part of the cache. Expanding to beams: into `out` (a static
-        state of the new size) when given, else into new tensors."""
+        """Beam search's `reorder`: keep rows `index`.
+
+        Expanding to beams (more rows): into `out` (a static state of the new size) when
+        given, else into new tensors; the positions filled so far (the prompt) are then the
+        same in all beams of a row. The same number of rows: in place, where beam search
+        only moves rows among the beams of one batch row, so the positions after that
+        shared prompt are the only ones copied."""
         n = state["length"]
         if index.numel() == state["k"].shape[0]:
+            shared = state["shared"]
             for key, dim in self._filled.items():  # index_select: 2x faster on CPU than x[index, ..., :n, :]
-                part = state[key].narrow(dim, 0, n)
+                part = state[key].narrow(dim, shared, n - shared)
                 part.copy_(part.index_select(0, index))
             return state
         if out is None:
@@ -113,6 +119,7 @@ class FastDecoder:
             out.update((k, v) for k, v in state.items() if not isinstance(v, Tensor))
         if state.get("prefix") is not None:
             out["prefix"] = state["prefix"].index_select(0, index)
+        out["shared"] = n
         return out
 
     @staticmethod
@@ -151,11 +158,15 @@ class FastDecoder:
         if runner is not None and rows == B:
             state = runner.state  # greedy: the first step already runs on the reusable buffers
             state["mask"].zero_()
-            state["length"], state["prefix"] = 0, None
+            state["length"], state["prefix"], state["shared"] = 0, None, 0
         else:
             state = self.new_state(B, capacity, source.dtype, source.device, P)
         self.begin(state, source, source_mask)
         return DecodeCall(self, state, runner)
+
+    def release(self) -> None:
+        """Drop every static state and its CUDA graphs (their memory goes back to the allocator)."""
+        self._static.clear()
 
     def recorder_for(self, device: torch.device) -> Optional["CudaGraphRecorder"]:
         """What records the token steps on `device`: CUDA graphs on CUDA, nothing elsewhere."""

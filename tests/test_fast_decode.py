@@ -208,3 +208,17 @@ def test_failed_recording_falls_back_to_eager_steps(monkeypatch):
         assert _generate(model, image, prompt, mask, "beam") == eager
     (runner,) = model.llm.fast_decoder()._static.values()
     assert runner.recorder is None and "not permitted" in runner.graph_error and not runner.graphs
+
+
+@torch.no_grad()
+def test_release_drops_static_state():
+    model = _model("opt")
+    pixels, prompt, mask = _inputs("opt")
+    model.llm.static_decode = True
+    image = model.encode_image(pixels)
+    first = _generate(model, image, prompt, mask, "greedy")
+    fast = model.llm.fast_decoder()
+    assert fast._static
+    fast.release()
+    assert not fast._static
+    assert _generate(model, image, prompt, mask, "greedy") == first and fast._static
