@@ -2,8 +2,10 @@
 same weights and inputs, in the same run; outputs checked identical, throughput ratio printed.
 
     python benchmarks/generate.py                                  # tiny model, CPU, batch 8, 30 new tokens
-    python benchmarks/generate.py --size opt-2.7b --device cuda --dtype bfloat16 --batch 32
-    python benchmarks/generate.py --size flan-t5-xl --device cuda --dtype bfloat16 --batch 32
+    python benchmarks/generate.py --size tiny-t5                   # the same with a tiny FlanT5
+
+Real sizes on a GPU (models built on the device, transformers' precision, CUDA graphs,
+memory): `bash benchmarks/gpu.sh` (benchmarks/gpu.py).
 
 Both decode exactly `--new-tokens` tokens (EOS forbidden until then), greedy and beam 5.
 Weights are random: real-size runs measure speed, not captions.
