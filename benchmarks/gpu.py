@@ -449,6 +449,8 @@ def meta(args, size: Size, device: torch.device, dtype: torch.dtype) -> dict:
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "host": platform.node(), "size": asdict(size), "command": " ".join(sys.argv)}
+    if args.tiny:
+        info["note"] = "tiny dry run on the CPU, one timed run each: checks the code path, its timings mean nothing"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
