@@ -231,7 +231,8 @@ def hf_config(size: Size, lm: str | None):
 
 def peaked_ids(vocab: int, tokens: int, seed: int = 0) -> torch.Tensor:
     """The fixed random token ids whose output rows `peaked_head` scales."""
-    return torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:tokens]
+    # A CPU generator and device, explicitly: this runs inside build_pair's `with torch.device(cuda)`.
+    return torch.randperm(vocab, generator=torch.Generator().manual_seed(seed), device="cpu")[:tokens]
 
 
 def peaked_head(lm: torch.nn.Module, tokens: int, scale: float) -> None:

@@ -48,3 +48,18 @@ def test_tiny_dry_run_writes_every_figure(tmp_path):
             assert row["ok"] and row["max_abs_diff"] <= row["tolerance"], name
     assert 0.0 <= data["figures"]["caption_opt_greedy"]["identical_share_plain_head"] <= 1.0
     assert data["meta"]["mode"] == "tiny" and data["meta"]["dtype"] == "bfloat16"
+
+
+def test_peaked_ids_ignore_the_default_device():
+    """The real run builds its models under `with torch.device("cuda")`; the fixed token ids
+    come from a CPU generator and must not follow that default (the first H200 run died on
+    exactly this). The meta device stands in for CUDA here."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    plain = gpu.peaked_ids(1000, 8)
+    with torch.device("meta"):
+        inside = gpu.peaked_ids(1000, 8)
+    assert inside.device.type == "cpu" and torch.equal(plain, inside)
