@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from . import dist, losses as L
 from .config import Blip2Config
 from .generation import DecodingConfig, generate, kv_reorder
-from .qformer import QFormer, attention_mask
+from .qformer import ImageKV, QFormer, attention_mask
 from .llm import LanguageModel, load_llm
 from .vision import ImageEncoder, build_image_encoder
 from .weights import init_qformer_from_bert
@@ -51,6 +51,8 @@ class Blip2(nn.Module):
         self.config = config
         q = config.qformer
         self.image_encoder = (image_encoder or build_image_encoder(config.vision)).freeze()
+        if config.vision.gradient_checkpointing:  # for an unfrozen tower; see VisionConfig
+            self.image_encoder.set_gradient_checkpointing(True)
         self.ln_vision = nn.LayerNorm(config.vision.width, eps=config.vision.ln_vision_eps)
         # (N, D_v), zero at the start: the model begins as the paper's (config.image_pos_embed)
         self.image_pos = (nn.Parameter(torch.zeros(config.vision.num_tokens, config.vision.width))
@@ -88,6 +90,9 @@ class Blip2(nn.Module):
             image_embeds = self.image_encoder(pixels)  # (B, N, D_v), no gradient
         else:
             self._check_image_embeds(image_embeds)
+            # Cached features arrive in their storage precision (fp16 from feature_cache): cast
+            # on the device, so a batch crosses to it at half the bytes.
+            image_embeds = image_embeds.to(self.ln_vision.weight.dtype)
         image = self.ln_vision(image_embeds)
         return image if self.image_pos is None else image + self.image_pos
 
@@ -98,8 +103,9 @@ class Blip2(nn.Module):
         if x.shape[0] == 0:
             raise ValueError("empty batch: image_embeds has 0 examples")
 
-    def image_features(self, image: Tensor, use_cache: bool = False) -> ImageFeatures:
-        """image: (B, N, D_v) after ln_vision -> query outputs and their ITC projection."""
+    def image_features(self, image: Tensor | ImageKV, use_cache: bool = False) -> ImageFeatures:
+        """image: (B, N, D_v) after ln_vision (or its cross-attention keys/values) -> query
+        outputs and their ITC projection."""
         out = self.qformer.encode_queries(image, use_cache=use_cache)
         return ImageFeatures(out.hidden, F.normalize(self.vision_proj(out.hidden), dim=-1), out.past_kv)
 
@@ -108,11 +114,11 @@ class Blip2(nn.Module):
         hidden = self.qformer.encode_text(text_ids, text_mask)  # (B, T, D_q)
         return TextFeatures(hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1))
 
-    def multimodal_features(self, image: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+    def multimodal_features(self, image: Tensor | ImageKV, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """The ITM-style joint pass: query outputs that have seen the text, (B, Q, D_q)."""
         return self.qformer.encode_joint(image, text_ids, text_mask, "itm").hidden[:, : self.config.qformer.num_queries]
 
-    def itm_logits(self, image: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+    def itm_logits(self, image: Tensor | ImageKV, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """ITM head over each query output, mean over queries: (B, 2), index 1 = match."""
         return self.itm_head(self.multimodal_features(image, text_ids, text_mask)).mean(dim=1)
 
@@ -157,7 +163,9 @@ class Blip2(nn.Module):
         self._check_text(text_ids, text_mask)
         with torch.no_grad():
             self.temp.clamp_(self.config.temp_min, self.config.temp_max)
-        img = self.image_features(image, use_cache="itg" in losses)  # (B, Q, E) + query KV
+        # The image's cross-attention keys/values, once: ITC's queries and ITM's pairs read them.
+        image_kv = self.qformer.image_kv(image)  # per cross-attention layer (B, H, N, hd) x 2
+        img = self.image_features(image_kv, use_cache="itg" in losses)  # (B, Q, E) + query KV
         txt = self.text_features(text_ids, text_mask)  # (B, E)
         rank = dist.rank()
         sim_i2t, sim_t2i = L.itc_similarity(img.proj, txt.proj, dist.all_gather_no_grad(img.proj),
@@ -166,7 +174,8 @@ class Blip2(nn.Module):
         if "itc" in losses:
             out |= L.itc_loss(sim_i2t, sim_t2i, rank, label_smoothing)
         if "itm" in losses:
-            out |= self._itm(image, text_ids, text_mask, sim_i2t, sim_t2i, image_ids, generator, itm_easy_negatives)
+            out |= self._itm(image, image_kv, text_ids, text_mask, sim_i2t, sim_t2i, image_ids, generator,
+                             itm_easy_negatives)
         if "itg" in losses:
             out |= self._itg(text_ids, text_mask, img.query_kv, label_smoothing)
         return out
@@ -205,30 +214,40 @@ class Blip2(nn.Module):
         visual = self.llm.visual_prompt(self.query_outputs(image, question_ids, question_mask))
         return self.llm.generate(visual, llm_ids, llm_mask, decoding, eos_token_id, pad_token_id)
 
-    def _itm(self, image: Tensor, text_ids: Tensor, text_mask: Tensor, sim_i2t: Tensor, sim_t2i: Tensor,
-             image_ids: Optional[Tensor], generator: Optional[torch.Generator],
+    def _itm(self, image: Tensor, image_kv: ImageKV, text_ids: Tensor, text_mask: Tensor, sim_i2t: Tensor,
+             sim_t2i: Tensor, image_ids: Optional[Tensor], generator: Optional[torch.Generator],
              easy_share: float = 0.0) -> dict[str, Tensor]:
-        """Batch of positives + hard negatives both ways -> ITM loss (Sec. 3.2)."""
-        image_all = dist.all_gather_with_grad(image)  # (W*B, N, D_v), gradient flows back to every rank
+        """Batch of positives + hard negatives both ways -> ITM loss (Sec. 3.2). The pairs'
+        images enter as their cross-attention keys/values (`image_kv`, projected once)."""
+        text_ids = dist.pad_to_common_length(text_ids, self.config.qformer.pad_token_id)  # (B, T_max of all ranks)
+        text_mask = dist.pad_to_common_length(text_mask, 0)
         ids_all, mask_all = dist.all_gather_no_grad(text_ids), dist.all_gather_no_grad(text_mask)  # (W*B, T)
         ids_of_image_all = None if image_ids is None else dist.all_gather_no_grad(image_ids)
         positive = L.positive_pairs(text_ids, ids_all, dist.rank(), image_ids, ids_of_image_all)  # (B, W*B)
         neg_img, neg_txt, ok_t, ok_i = L.sample_hard_negatives(sim_i2t, sim_t2i, positive, generator, easy_share)
+        if bool((ok_t & ok_i).all()):  # the usual case: every row has a negative; index without cutting rows
+            ok_t = ok_i = slice(None)
+        if dist.is_distributed():  # a negative image may be another rank's: gather (with gradient), project those
+            neg_kv = self.qformer.image_kv(dist.all_gather_with_grad(image)[neg_img[ok_t]])  # (W*B, N, D_v) -> rows
+        else:
+            neg_kv = image_kv.select(neg_img[ok_t])
         # (text, image) pairs: (pos, pos) | (pos text, hard neg image) | (hard neg text, pos image)
         pair_ids = torch.cat([text_ids, text_ids[ok_t], ids_all[neg_txt][ok_i]])  # (M, T)
         pair_mask = torch.cat([text_mask, text_mask[ok_t], mask_all[neg_txt][ok_i]])  # (M, T)
-        pair_images = torch.cat([image, image_all[neg_img][ok_t], image[ok_i]])  # (M, N, D_v)
+        pair_kv = ImageKV.cat([image_kv, neg_kv, image_kv.select(ok_i)])  # (M, H, N, hd) per layer
         labels = torch.zeros(pair_ids.shape[0], dtype=torch.long, device=text_ids.device)
         labels[: text_ids.shape[0]] = 1
-        return L.itm_loss(self.itm_logits(pair_images, pair_ids, pair_mask), labels)
+        return L.itm_loss(self.itm_logits(pair_kv, pair_ids, pair_mask), labels)
 
     def _itg(self, text_ids: Tensor, text_mask: Tensor, query_kv: list, label_smoothing: float) -> dict[str, Tensor]:
-        """[DEC] replaces [CLS]; text decodes over the queries' cached keys/values."""
+        """[DEC] replaces [CLS]; text decodes over the queries' cached keys/values. Only the
+        positions that predict a token go through the LM head."""
         dec_ids = text_ids.clone()
         dec_ids[:, 0] = self.config.qformer.dec_token_id
         labels = dec_ids.masked_fill(text_mask == 0, -100)  # (B, T), padding ignored
-        logits = self.qformer.decode_text(dec_ids, text_mask, query_kv)  # (B, T, V)
-        return L.itg_loss(logits, labels, label_smoothing)
+        rows, targets = L.itg_targets(labels)  # (M,) positions into B*T, (M,) their next tokens
+        logits = self.qformer.decode_text(dec_ids, text_mask, query_kv, rows)  # (M, V)
+        return L.itg_loss_rows(logits, targets, label_smoothing)
 
     def _check_text(self, text_ids: Optional[Tensor], text_mask: Optional[Tensor]) -> None:
         if text_ids is None or text_mask is None:

@@ -84,6 +84,10 @@ class VisionConfig:
     ln_vision_eps: float = 1e-5
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    # Recompute each block's activations in the backward pass instead of keeping them:
+    # less memory for a slower step. Matters only for an unfrozen tower (fine-tuning the ViT,
+    # LAVIS `use_grad_checkpoint`); a frozen one runs without gradients and keeps nothing.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check(self.backend in ("open_clip", "hf_blip2", "efficientnet"),
@@ -147,6 +151,10 @@ class QFormerConfig:
     # LAVIS and HF drop it (HF `use_qformer_text_input=False`); stage 1, retrieval and the
     # question-aware VQA variant need it.
     text_input: bool = True
+    # Recompute each layer's activations in the backward pass instead of keeping them (HF's
+    # gradient_checkpointing): peak training memory drops by about the activations of all
+    # layers but one, for roughly one more forward pass of compute. Training only.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_queries", "cross_attention_freq",

@@ -24,6 +24,18 @@ def rank() -> int:
 
 
 @torch.no_grad()
+def pad_to_common_length(x: torch.Tensor, value: int) -> torch.Tensor:
+    """Pad dim 1 of `x` (B, T) with `value` to the longest T of all ranks, so that a gather
+    of it lines up: each rank pads its texts to its own longest, and a gather of unequal
+    shapes would fail (gloo: "Received data size doesn't match expected size")."""
+    if not is_distributed():
+        return x
+    longest = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    return torch.nn.functional.pad(x, (0, int(longest) - x.shape[1]), value=value)
+
+
+@torch.no_grad()
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from all ranks along dim 0; no gradient flows back (LAVIS
     `concat_all_gather`, used for ITC features and for ITM's text ids)."""

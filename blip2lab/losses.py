@@ -77,15 +77,15 @@ def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, positive: Tensor,
     instead of a mislabelled one."""
     def draw(sim: Tensor) -> tuple[Tensor, Tensor]:
         sim = sim.float().masked_fill(positive, float("-inf"))  # (B, W*B)
-        valid = torch.isfinite(sim).any(dim=1)  # (B,)
-        weights = torch.softmax(sim[valid], dim=1)
+        allowed = torch.isfinite(sim)  # (B, W*B)
+        valid = allowed.any(dim=1)  # (B,)
+        # Rows without a negative draw from a uniform dummy, flagged invalid: no row is cut out
+        # of the batch here, which on a GPU would wait for it (a host sync) at every step.
+        weights = torch.softmax(sim.masked_fill(~valid[:, None], 0.0), dim=1)
         if easy_share > 0:
-            allowed = torch.isfinite(sim[valid]).float()
-            weights = (1 - easy_share) * weights + easy_share * allowed / allowed.sum(dim=1, keepdim=True)
-        picks = torch.zeros(sim.shape[0], dtype=torch.long, device=sim.device)
-        if valid.any():
-            picks[valid] = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-        return picks, valid
+            uniform = allowed.float() / allowed.sum(dim=1, keepdim=True).clamp(min=1)
+            weights = (1 - easy_share) * weights + easy_share * torch.where(valid[:, None], uniform, weights)
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1), valid
 
     neg_image_for_text, valid_text = draw(sim_t2i)
     neg_text_for_image, valid_image = draw(sim_i2t)
@@ -105,6 +105,20 @@ def itg_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> di
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
     targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
     return {"itg_loss": F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)}
+
+
+def itg_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The positions of labels (B, T) that predict a token (the next one is not -100), as
+    indices (M,) into the flattened B*T positions, and their targets (M,). `itg_loss` over
+    the logits of those positions only equals `itg_loss` over all of them."""
+    following = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()  # (B*T,) the token each position predicts
+    rows = (following != -100).nonzero().squeeze(1)  # (M,)
+    return rows, following[rows]
+
+
+def itg_loss_rows(logits: Tensor, targets: Tensor, label_smoothing: float = 0.1) -> dict[str, Tensor]:
+    """`itg_loss` given the logits (M, V) of the predicting positions only (`itg_targets`)."""
+    return {"itg_loss": F.cross_entropy(logits, targets, label_smoothing=label_smoothing)}
 
 
 def lm_loss(logits: Tensor, labels: Tensor, shift: bool = True) -> dict[str, Tensor]:

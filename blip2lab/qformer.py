@@ -24,10 +24,38 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import QFormerConfig
 
-KV = tuple[Tensor, Tensor]  # one layer's self-attention keys and values, each (B, H, P, hd)
+KV = tuple[Tensor, Tensor]  # one layer's keys and values, each (B, H, P, hd) (self) or (B, H, N, hd) (cross)
+
+
+@dataclass
+class ImageKV:
+    """The image side of every cross-attention layer, projected once: per layer the keys and
+    values (B, H, N, hd) each, None on layers without cross-attention.
+
+    They are a function of the image alone (not of the queries or the text), so stage 1
+    computes them once per image and every pass that reads the image indexes them: ITC's
+    query pass and ITM's 3B (text, image) pairs, where LAVIS projects the same images four
+    times (B for ITC, 3B for ITM). Same values, same gradients (indexing sums them back)."""
+
+    layers: list[Optional[KV]]
+
+    @property
+    def batch_size(self) -> int:
+        return next(kv[0].shape[0] for kv in self.layers if kv is not None)
+
+    def select(self, rows: Tensor) -> "ImageKV":
+        """The images at `rows` (an index or bool tensor over B)."""
+        return ImageKV([None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.layers])
+
+    @staticmethod
+    def cat(parts: list["ImageKV"]) -> "ImageKV":
+        """Images of several ImageKV one after another, (sum of B, H, N, hd) per layer."""
+        return ImageKV([None if kvs[0] is None else (torch.cat([kv[0] for kv in kvs]), torch.cat([kv[1] for kv in kvs]))
+                        for kvs in zip(*(p.layers for p in parts))])
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,17 +126,21 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
 
+    def source_kv(self, source: Tensor) -> KV:
+        """Cross-attention keys and values of the image (B, N, D_v): (B, H, N, hd) each."""
+        return self._heads(self.k(source)), self._heads(self.v(source))
+
     def forward(
         self,
         x: Tensor,  # (B, L, D) the rows that ask
-        source: Optional[Tensor] = None,  # (B, N, D_v) the image, for cross-attention only
+        source: Optional[Tensor | KV] = None,  # cross-attention only: the image (B, N, D_v) or its source_kv
         mask: Optional[Tensor] = None,  # bool, broadcastable to (B, L, P + S); True = may attend
         past_kv: Optional[KV] = None,  # cached keys/values of earlier positions, (B, H, P, hd) each
         need_probs: bool = False,
     ) -> tuple[Tensor, KV, Optional[Tensor]]:
         if self.cross:
             q = self._heads(self.q(x))  # (B, H, L, hd)
-            k, v = self._heads(self.k(source)), self._heads(self.v(source))  # (B, H, N, hd) each
+            k, v = source if isinstance(source, tuple) else self.source_kv(source)  # (B, H, N, hd) each
         else:
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, L, hd) each
         if past_kv is not None:
@@ -157,9 +189,12 @@ class QFormerLayer(nn.Module):
         self.text_ffn = FeedForward(D, cfg.ffn_size, cfg) if cfg.text_input else None
         self.query_ffn = FeedForward(D, cfg.ffn_size, cfg)
 
-    def forward(self, x: Tensor, num_queries: int, image: Optional[Tensor], mask: Optional[Tensor],
-                past_kv: Optional[KV], need_probs: bool) -> tuple[Tensor, KV, Optional[Tensor], Optional[Tensor]]:
-        # x: (B, L, D_q) with the first `num_queries` rows being queries (0 when text-only).
+    def forward(self, x: Tensor, num_queries: int, image: Optional[Tensor | KV], mask: Optional[Tensor],
+                past_kv: Optional[KV], need_probs: bool, text_rows: Optional[Tensor] = None
+                ) -> tuple[Tensor, KV, Optional[Tensor], Optional[Tensor]]:
+        # x: (B, L, D_q) with the first `num_queries` rows being queries (0 when text-only);
+        # image: (B, N, D_v), or this layer's cross-attention keys/values already projected;
+        # text_rows: (M,) indices into the B*T text rows whose FFN runs (None: all).
         h, kv, self_probs = self.self_attn(x, mask=mask, past_kv=past_kv, need_probs=need_probs)
         queries, text = h[:, :num_queries], h[:, num_queries:]  # (B, Q, D_q), (B, T, D_q)
         cross_probs = None
@@ -170,8 +205,15 @@ class QFormerLayer(nn.Module):
         parts = []
         if num_queries > 0:
             parts.append(self.query_ffn(queries))
-        if text.shape[1] > 0:
+        if text.shape[1] > 0 and text_rows is None:
             parts.append(self.text_ffn(text))
+        elif text.shape[1] > 0:
+            # Padding rows skip the FFN (two thirds of a row's matmuls): they are masked as keys
+            # and never read, so they keep their attention output (finite, as a gradient through
+            # unused rows needs); the real rows (M, D_q) go through it packed.
+            flat = text.reshape(-1, text.shape[-1])  # (B*T, D_q)
+            packed = self.text_ffn(flat.index_select(0, text_rows))  # (M, D_q)
+            parts.append(flat.index_copy(0, text_rows, packed).view_as(text))
         return torch.cat(parts, dim=1), kv, self_probs, cross_probs  # (B, L, D_q)
 
 
@@ -254,16 +296,23 @@ class QFormer(nn.Module):
     def _check_ids(self, ids: Tensor, position_offset: int) -> None:
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"text ids must be an integer tensor, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist() if ids.numel() else (0, 0)  # one wait on a GPU, not two
+        if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"text ids must lie in [0, {self.cfg.vocab_size}) (qformer.vocab_size); "
-                             f"got min {int(ids.min())}, max {int(ids.max())}")
+                             f"got min {lo}, max {hi}")
         if position_offset + ids.shape[1] > self.cfg.max_position_embeddings:
             raise ValueError(f"text of {position_offset + ids.shape[1]} tokens exceeds "
                              f"qformer.max_position_embeddings ({self.cfg.max_position_embeddings})")
 
+    def image_kv(self, image: Tensor) -> ImageKV:
+        """image (B, N, D_v) after ln_vision -> its cross-attention keys/values, every layer."""
+        image = image.to(self.query_tokens.dtype)  # a bf16 tower's output into an fp32 Q-Former, as forward
+        return ImageKV([None if layer.cross_attn is None else layer.cross_attn.source_kv(image)
+                        for layer in self.layers])
+
     def forward(
         self,
-        image: Optional[Tensor] = None,  # (B, N, D_v) after ln_vision; needed when queries are present
+        image: Optional[Tensor | ImageKV] = None,  # (B, N, D_v) after ln_vision, or its image_kv; for the queries
         text_ids: Optional[Tensor] = None,  # (B, T)
         mask: Optional[Tensor] = None,  # bool (B, L, P + L) or broadcastable; None: everyone sees everyone
         with_queries: bool = True,
@@ -271,19 +320,31 @@ class QFormer(nn.Module):
         position_offset: int = 0,  # position of the first text token (text already cached)
         use_cache: bool = False,
         output_attentions: bool = False,
+        text_mask: Optional[Tensor] = None,  # (B, T) 1 = real token: padding rows skip the text FFN
     ) -> QFormerOutput:
+        """Padding rows (`text_mask` 0) must be masked as keys in `mask` and their outputs
+        ignored by the caller: they skip the text FFN, so their hidden states are not BERT's."""
         if not with_queries and text_ids is None:
             raise ValueError("the Q-Former needs queries, text, or both")
-        B = image.shape[0] if image is not None else text_ids.shape[0]
+        B = text_ids.shape[0] if image is None else image.batch_size if isinstance(image, ImageKV) else image.shape[0]
         if B == 0:
             raise ValueError("empty batch: the Q-Former got 0 examples")
         x = self.embed(text_ids, B, with_queries, position_offset)  # (B, L, D_q)
-        if image is not None:  # a bf16 image tower before an fp32 Q-Former (as transformers keeps it)
+        if isinstance(image, Tensor):  # a bf16 image tower before an fp32 Q-Former (as transformers keeps it)
             image = image.to(x.dtype)
         Q = self.cfg.num_queries if with_queries else 0
+        # Checkpointing keeps each layer's input only and recomputes the rest in the backward
+        # pass (the RNG state is replayed, so dropout draws the same masks).
+        recompute = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        text_rows = None
+        if text_mask is not None:  # indices of the real text rows, found once (one wait on a GPU), not per layer
+            text_rows = text_mask.flatten().nonzero().squeeze(1)  # (M,)
+            text_rows = None if text_rows.numel() == text_mask.numel() else text_rows
         new_kv, self_attns, cross_attns = [], [], []
         for i, layer in enumerate(self.layers):
-            x, kv, sp, cp = layer(x, Q, image, mask, None if past_kv is None else past_kv[i], output_attentions)
+            args = (x, Q, image.layers[i] if isinstance(image, ImageKV) else image, mask,
+                    None if past_kv is None else past_kv[i], output_attentions, text_rows)
+            x, kv, sp, cp = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
             new_kv.append(kv)
             self_attns.append(sp)
             cross_attns.append(cp)
@@ -296,28 +357,37 @@ class QFormer(nn.Module):
 
     # -- the passes stage 1 needs ------------------------------------------------------
 
-    def encode_queries(self, image: Tensor, use_cache: bool = False, output_attentions: bool = False) -> QFormerOutput:
+    def encode_queries(self, image: Tensor | ImageKV, use_cache: bool = False,
+                       output_attentions: bool = False) -> QFormerOutput:
         """Queries alone over the image (the ITC image side): hidden (B, Q, D_q).
         With `use_cache`, the queries' self-attention keys/values are kept for ITG."""
         return self(image=image, use_cache=use_cache, output_attentions=output_attentions)
 
     def encode_text(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """Text alone (the ITC text side; the ITC mask without the query block): (B, T, D_q)."""
-        return self(text_ids=text_ids, mask=text_mask.bool()[:, None, :], with_queries=False).hidden
+        return self(text_ids=text_ids, mask=text_mask.bool()[:, None, :], with_queries=False,
+                    text_mask=text_mask).hidden
 
-    def encode_joint(self, image: Tensor, text_ids: Tensor, text_mask: Tensor, mode: str = "itm",
+    def encode_joint(self, image: Tensor | ImageKV, text_ids: Tensor, text_mask: Tensor, mode: str = "itm",
                      output_attentions: bool = False) -> QFormerOutput:
         """Queries and text in one pass under the `mode` mask: hidden (B, Q + T, D_q)."""
         if mode == "itm" and bool(text_mask.all()):
             mask = None  # nothing to hide: lets attention take its unmasked fast path
         else:
             mask = attention_mask(mode, self.cfg.num_queries, text_mask)  # (B, L, L)
-        return self(image=image, text_ids=text_ids, mask=mask, output_attentions=output_attentions)
+        return self(image=image, text_ids=text_ids, mask=mask, output_attentions=output_attentions,
+                    text_mask=text_mask)
 
-    def decode_text(self, text_ids: Tensor, text_mask: Tensor, query_kv: list[KV]) -> Tensor:
+    def decode_text(self, text_ids: Tensor, text_mask: Tensor, query_kv: list[KV],
+                    rows: Optional[Tensor] = None) -> Tensor:
         """ITG: text rows over the queries' cached keys/values (LAVIS reuses the ITC image
-        pass's `past_key_values`, gradient flowing through them) -> logits (B, T, V)."""
+        pass's `past_key_values`, gradient flowing through them) -> logits (B, T, V).
+        `rows` (M,) indices into the B*T positions: only those go through the LM head ->
+        logits (M, V); the (D_q x V) head is the widest matmul of ITG, wasted on padding."""
         Q = self.cfg.num_queries
         mask = attention_mask("itg", Q, text_mask)[:, Q:, :]  # (B, T, Q + T): the text rows
-        out = self(text_ids=text_ids, mask=mask, with_queries=False, past_kv=query_kv)
-        return self.lm_head(out.hidden)
+        hidden = self(text_ids=text_ids, mask=mask, with_queries=False, past_kv=query_kv,
+                      text_mask=text_mask).hidden  # (B, T, D_q)
+        if rows is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, rows)  # (M, D_q)
+        return self.lm_head(hidden)  # (B, T, V) or (M, V)

@@ -68,7 +68,10 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 class BatchStream:
     """Deterministic batches from a map-style dataset: micro-step i of rank r gets the
     examples [i * B * W + r * B, ... + B) of an endless sequence of epochs, each epoch a
-    permutation drawn from (seed, epoch). Resuming at step s needs nothing but s."""
+    permutation drawn from (seed, epoch). Resuming at step s needs nothing but s.
+    A dataset with a `set_epoch(epoch)` method (as torch's DistributedSampler has) is told
+    the epoch of each example before it is read: e.g. `CachedFeatureDataset`, which draws
+    one of an image's cached augmented crops per epoch."""
 
     def __init__(self, dataset, batch_size: int, collate: Callable[[list], dict], seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True):
@@ -78,6 +81,7 @@ class BatchStream:
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         self._epoch, self._order = -1, None
+        self._told_epoch = None  # the epoch last passed to dataset.set_epoch
 
     def _order_of(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
@@ -92,7 +96,11 @@ class BatchStream:
         start = micro_step * B * self.world_size + self.rank * B
         items = []
         for k in range(start, start + B):
-            items.append(self.dataset[int(self._order_of(k // n)[k % n])])
+            epoch = k // n
+            if epoch != self._told_epoch and hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+                self._told_epoch = epoch
+            items.append(self.dataset[int(self._order_of(epoch)[k % n])])
         return self.collate(items)
 
 
@@ -181,10 +189,10 @@ def _default_save_weights(model: nn.Module, path: Path) -> None:
 def _load_weights(model: nn.Module, path: Path) -> None:
     from safetensors.torch import load_model
 
-    from .weights import load_strict, read_safetensors
+    from .weights import load_weights_into
 
     if (path / "config.json").is_file():
-        load_strict(model, read_safetensors(path / "model.safetensors"), source=str(path))
+        load_weights_into(model, path)  # strict, one tensor at a time
     else:
         load_model(model, str(path / "model.safetensors"))
 

@@ -91,6 +91,12 @@ class ImageEncoder(nn.Module):
         # lock() semantics, done by overriding rather than LAVIS's `disabled_train` patch).
         return super().train(mode and not self.frozen)
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "ImageEncoder":
+        """Recompute each block in the backward pass instead of keeping its activations
+        (`vision.gradient_checkpointing`). Only an unfrozen tower has a backward pass; a
+        frozen one runs under no_grad and is unaffected."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
+
     # -- forward ---------------------------------------------------------------------------
 
     def _check_pixels(self, pixels: Tensor) -> None:
@@ -250,6 +256,12 @@ class OpenClipImageEncoder(ImageEncoder):
             visual.head = nn.Identity()  # TimmModel's pooled projection, unused here
         self.visual = visual
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "OpenClipImageEncoder":
+        # open_clip's own switch: its native ViT and timm trunks checkpoint block by block
+        # (non-reentrant) inside forward_intermediates too.
+        self.visual.set_grad_checkpointing(enabled)
+        return self
+
     def _encode(self, pixels: Tensor) -> Tensor:
         out = self.visual.forward_intermediates(
             pixels, indices=[self.block_index], stop_early=True, intermediates_only=True,
@@ -339,6 +351,18 @@ class HFBlip2ImageEncoder(ImageEncoder):
         vision_model.encoder.layers = layers[: self.block_index + 1]
         vision_model.post_layernorm = nn.Identity()
         self.vision_model = vision_model
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "HFBlip2ImageEncoder":
+        # transformers' switch (renamed activation_checkpointing_* in 5.2x; older 5.x has the
+        # gradient_checkpointing_* names); its layers checkpoint only in training mode.
+        vm = self.vision_model
+        if enabled and hasattr(vm, "activation_checkpointing_enable"):
+            vm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enabled:
+            vm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif vm.is_gradient_checkpointing:
+            getattr(vm, "activation_checkpointing_disable", vm.gradient_checkpointing_disable)()
+        return self
 
     def _encode(self, pixels: Tensor) -> Tensor:
         h = self.vision_model.embeddings(pixels)  # (B, N, D_v): [CLS] + patches + positions

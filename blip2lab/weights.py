@@ -117,26 +117,91 @@ def read_safetensors(file: str | Path) -> dict[str, Tensor]:
 
 
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild a model saved by `save_pretrained`: the config first, the towers built empty
-    from it (the LLM from `llm/config.json`, not from its original source), then a strict load."""
+    """Rebuild a model saved by `save_pretrained` without ever holding its weights twice.
+
+    The config first; the model is built from it with its parameters on the meta device
+    (shapes, no storage; the LLM from `llm/config.json`, not from its original source);
+    keys and shapes are checked against the file's header before any data is read (a
+    strict load: leftovers, missing keys and shape mismatches are one error naming them);
+    then each tensor is read on its own, converted to the dtype the model declares for it,
+    moved to `map_location` and put in place (`assign`, no copy into a random twin). Peak
+    memory is the model plus one tensor. Tied weights stored once come back tied."""
+    from accelerate import init_empty_weights
+
     from .blip2 import Blip2  # the model imports this module; import late to avoid a cycle
+    from .official import _Shards, _assign, _empty_llm  # the streaming loader of the official checkpoints
 
     path = Path(path)
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a blip2lab checkpoint folder")
     config = from_dict(Blip2Config, json.loads(config_file.read_text()))
-    state = read_safetensors(path / WEIGHTS_NAME)
+    file = path / WEIGHTS_NAME
+    shards = _Shards(path)  # header checked here: a truncated file fails before anything is built
+    aliases = _aliases(file)
     language_model = None
     if config.llm.kind != "none":
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+        from transformers import AutoConfig
 
-        llm_config = AutoConfig.from_pretrained(str(path / LLM_CONFIG_DIR))
-        auto = AutoModelForCausalLM if config.llm.kind == "decoder" else AutoModelForSeq2SeqLM
-        language_model = auto.from_config(llm_config)
-    model = Blip2(config, language_model=language_model, init_from_bert=False)
-    load_strict(model, state, source=str(path / WEIGHTS_NAME))
+        language_model = _empty_llm(AutoConfig.from_pretrained(str(path / LLM_CONFIG_DIR)))
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers real (some are not saved)
+        model = Blip2(config, language_model=language_model, init_from_bert=False)
+    own = model.state_dict()
+    stored = set(shards.shapes) | set(aliases)
+    bad_shapes = [f"{k}: {shards.shapes[k]} in {file}, {tuple(own[k].shape)} in model"
+                  for k in sorted(set(shards.shapes) & set(own)) if tuple(shards.shapes[k]) != tuple(own[k].shape)]
+    raise_load_problems(str(file), set(own) - stored, stored - set(own), bad_shapes)
+    try:
+        for key in shards.shapes:
+            value = shards.get(key)
+            _assign(model, key, value.to(device=map_location, dtype=own[key].dtype))
+            del value
+    finally:
+        shards.close()
+    for key, target in aliases.items():  # one tensor under several names: the same object again
+        owner, _, name = key.rpartition(".")
+        slot = model.get_submodule(owner)
+        if name in slot._parameters:
+            slot._parameters[name] = model.get_parameter(target)
+        else:
+            slot._buffers[name] = model.get_buffer(target)
+    left = sorted(n for n, t in [*model.named_parameters(remove_duplicate=False),
+                                 *model.named_buffers(remove_duplicate=False)] if t.is_meta)
+    if left:
+        raise WeightsError(f"after loading {file}, these tensors have no value (still on the meta device): {left}")
     return model.to(map_location).eval()
+
+
+def _aliases(file: Path) -> dict[str, str]:
+    """The tied names `save_pretrained` stored once: alias key -> stored key (header only)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"cannot read {file}: it is not a complete safetensors file ({err})") from err
+
+
+def load_weights_into(model: nn.Module, path: str | Path) -> None:
+    """Overwrite an existing model's weights with a `save_pretrained` folder's, strictly,
+    one tensor at a time (a resumed training run: the model exists already, so the whole
+    file is never read into memory beside it)."""
+    from .official import _Shards
+
+    path = Path(path)
+    file = path / WEIGHTS_NAME
+    shards = _Shards(path)
+    aliases = _aliases(file)
+    own = model.state_dict()
+    stored = set(shards.shapes) | set(aliases)
+    bad_shapes = [f"{k}: {shards.shapes[k]} in {file}, {tuple(own[k].shape)} in model"
+                  for k in sorted(set(shards.shapes) & set(own)) if tuple(shards.shapes[k]) != tuple(own[k].shape)]
+    raise_load_problems(str(file), set(own) - stored, stored - set(own), bad_shapes)
+    try:
+        with torch.no_grad():
+            for key in shards.shapes:
+                own[key].copy_(shards.get(key))
+    finally:
+        shards.close()
 
 
 # ---------------------------------------------------------------------------------------

@@ -53,7 +53,9 @@ def test_itm_batch_layout(gen, monkeypatch):
     assert seen["labels"].tolist() == [1] * B + [0] * 2 * B
     ids, image = seen["ids"], seen["images"]
     assert torch.equal(ids[:B], batch["text_ids"]) and torch.equal(ids[B:2 * B], batch["text_ids"])
-    own_image = model.encode_image(batch["pixels"])
+    # The pairs' images come as their cross-attention keys (projected once per image): compare those.
+    image = image.layers[0][0]  # (3B, H, N, hd)
+    own_image = model.qformer.image_kv(model.encode_image(batch["pixels"])).layers[0][0]  # (B, H, N, hd)
     torch.testing.assert_close(image[:B], own_image)
     torch.testing.assert_close(image[2 * B:], own_image)
     for i in range(B):  # the hard-negative image of text i is another example's image, likewise the texts
