@@ -45,11 +45,11 @@ tokens, D_v image width, V stored vectors (M Q or K), P query vectors (1 for a t
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -75,6 +75,10 @@ ROUND = 2048  # items evaluated per later round, highest bounds first
 # bound is too loose for this query (data whose energy is spread over many directions):
 # one sequential pass over the memmap is then cheaper than scattered reads.
 SCAN_ALL_FRACTION = 0.25
+# Vectors converted to fp32 and multiplied at a time: the fp32 copy stays in cache. On one
+# core of the project's machine a full scan of 100k x 32 x 256 took 0.14 s at 2,048
+# vectors a step and 2.1 s at 131,072.
+SCAN_VECTORS = 2048
 
 
 @dataclass
@@ -146,14 +150,20 @@ class _Index:
         raise NotImplementedError
 
     def exact_scores(self, query: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """query (P, E), idx (c,) sorted -> (c,) exact scores max over (p, r), in fp32."""
-        rows = np.asarray(self.embeddings[idx], dtype=np.float32).reshape(len(idx) * self.rows_per_item, self.dim)
-        return (rows @ query.T).reshape(len(idx), -1).max(axis=1)  # (c R, P) -> (c,)
+        """query (P, E), idx (c,) sorted -> (c,) exact scores, max over (p, r), in fp32."""
+        step = max(1, SCAN_VECTORS // self.rows_per_item)
+        return np.concatenate([np.empty(0, np.float32)] + [self._scores(query, self.embeddings[idx[s:s + step]])
+                                                           for s in range(0, len(idx), step)])
 
-    def full_scan(self, query: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """Every item's exact score, reading the whole memmap: the plain full matmul. (len,)"""
-        return np.concatenate([self.exact_scores(query, np.arange(s, min(s + chunk, len(self))))
-                               for s in range(0, len(self), chunk)])
+    def full_scan(self, query: np.ndarray) -> np.ndarray:
+        """Every item's exact score, reading the whole memmap in order: the plain full matmul. (len,)"""
+        step = max(1, SCAN_VECTORS // self.rows_per_item)
+        return np.concatenate([self._scores(query, self.embeddings[s:s + step]) for s in range(0, len(self), step)])
+
+    def _scores(self, query: np.ndarray, half: np.ndarray) -> np.ndarray:
+        """query (P, E), half (c, R, E) or (c, E) fp16 -> (c,) max over (p, r)."""
+        rows = _fp32(half).reshape(-1, self.dim)  # (c R, E)
+        return (rows @ query.T).reshape(len(half), -1).max(axis=1)  # (c R, P) -> (c,)
 
     def _search(self, query: np.ndarray, k: int) -> SearchResult:
         """query: (P, E) fp32, checked by _as_query."""
@@ -192,6 +202,7 @@ class ImageIndex(_Index):
         through the ITM head and the first `rerank` are re-ordered by ITM logit + ITC cosine
         (LAVIS); `load_images(keys)` returns the images of those keys (default: the keys are
         paths or anything else the processor loads)."""
+        _check_rerank(rerank)
         model, proc = pipe.scorer()
         t = {n: v.to(pipe.device) for n, v in proc.qformer_text([text]).items()}  # (1, T) each
         with torch.no_grad():
@@ -234,6 +245,7 @@ class TextIndex(_Index):
     def search_image(self, pipe, image: Any, k: int = 10, rerank: int = 16) -> list[Hit]:
         """The k captions that best match `image` (anything the processor loads); rerank as
         in `ImageIndex.search_text`."""
+        _check_rerank(rerank)
         model, proc = pipe.scorer()
         with torch.no_grad():
             x = pipe._image([image], model)  # (1, N, D_v)
@@ -261,6 +273,13 @@ def _as_query(query: np.ndarray | torch.Tensor, dim: int) -> np.ndarray:
     if not np.isfinite(q).all():
         raise ValueError("query holds NaN or inf")
     return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def _fp32(half: np.ndarray) -> np.ndarray:
+    """fp16 rows (read-only memmap slices too) -> fp32: torch converts ~4x faster than numpy's astype."""
+    with warnings.catch_warnings():  # torch warns that the array is read-only; it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(half)).float().numpy()
 
 
 def _bounded_top_k(bounds: np.ndarray, exact: Callable[[np.ndarray], np.ndarray], k: int,
@@ -300,6 +319,11 @@ def _highest(values: np.ndarray, idx: np.ndarray, count: int) -> np.ndarray:
     if len(idx) <= count:
         return idx
     return idx[np.argpartition(-values[idx], count - 1)[:count]]
+
+
+def _check_rerank(rerank: int) -> None:
+    if not isinstance(rerank, int) or rerank < 0:
+        raise ValueError(f"rerank must be an int >= 0 (0: ITC only), got {rerank!r}")
 
 
 def _reranked(found: SearchResult, keys: list[str], itm_logits: Optional[torch.Tensor]) -> list[Hit]:
@@ -365,8 +389,14 @@ def index_from_embeddings(out: str | Path, kind: str, keys: Sequence[str], row_s
 
 
 def _source(pipe, model) -> dict:
-    config = json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str)
-    return {"model": pipe.name, "config_sha256": hashlib.sha256(config.encode()).hexdigest()}
+    """What the embeddings come from, so that a resumed build cannot mix two models: the
+    pipeline's name and a digest of the scorer's weights (not of its config, which gains
+    fields as the code grows). Hashing reads every weight once (~1 GB/s)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"model": pipe.name, "weights_blake2b": digest.hexdigest()}
 
 
 def _build(out: Path, kind: str, keys: Sequence[str], row_shape: tuple[int, ...],
