@@ -36,8 +36,9 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 test: $(STAMP)
 	BLIP2LAB_SMALL=1 $(PY) -m pytest -q --nbmake tests notebooks $(PYTEST_ARGS)
 
+# Every CPU benchmark against its peer, one table (benchmarks/README.md; --gpu adds gpu.sh).
 bench: $(STAMP)
-	$(PY) benchmarks/qformer.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 # The Gradio app on http://127.0.0.1:7860 (BLIP2LAB_MODEL, BLIP2LAB_PORT, ...: see app.py).
 app: $(STAMP)

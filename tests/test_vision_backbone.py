@@ -108,10 +108,12 @@ def test_batches_are_the_train_split():
     assert data.scenes(0, 2) == make_split("train", 2, 0)  # replays the past
 
 
-def test_twenty_pretraining_steps_lower_the_loss(tmp_path):
+@pytest.mark.parametrize("cell_bias", [True, False])
+def test_twenty_pretraining_steps_lower_the_loss(tmp_path, cell_bias):
     tiny = replace(SHAPES_VISION_CONFIG, width=32, layers=2, heads=2, mlp_dim=64)
     recipe = pretrain_vision(tmp_path, steps=20, batch_size=16, lr=3e-3, warmup_steps=2, cfg=tiny, probe=False,
-                             log_every=1)
+                             log_every=1, cell_bias=cell_bias)
+    assert f"cell_bias={cell_bias}" in recipe["call"]
     losses = [row["loss"] for row in recipe["curve"]]
     assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses

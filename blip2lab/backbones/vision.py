@@ -194,12 +194,18 @@ class CellParseHead(nn.Module):
     ~200 steps before they find their cells (a quarter of the run)."""
 
     def __init__(self, width: int, heads: int, image_size: int, patch_size: int, norm: Optional[nn.Module] = None,
-                 outside_bias: float = -4.0):
+                 outside_bias: float = -4.0, cell_bias: bool = True):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(len(CELLS), width) * width**-0.5)  # (C, D_v)
         inside = cell_pooling(image_size, patch_size) > 0  # (C, N-1)
         bias = torch.where(inside, 0.0, outside_bias)  # (C, N-1)
-        self.cell_bias = nn.Parameter(torch.cat([torch.zeros(len(CELLS), 1), bias], dim=1))  # (C, N), [CLS] first
+        # cell_bias=False: the queries must find their cells from the tokens alone, so the
+        # tokens have to carry where they are in a form attention can match - what the
+        # Q-Former's learned queries need later (with the bias, the tower's tokens came out
+        # position-blind to attention: one cross-attention layer over them read a cell's
+        # shape at the "none" prior, 0.67, while tokens + a learned position embedding: 0.99).
+        self.cell_bias = (nn.Parameter(torch.cat([torch.zeros(len(CELLS), 1), bias], dim=1))  # (C, N), [CLS] first
+                          if cell_bias else None)
         self.norm = norm if norm is not None else nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.classifiers = nn.ModuleDict({name: nn.Linear(width, len(classes)) for name, classes in ATTRIBUTES.items()})
@@ -224,7 +230,8 @@ class SceneParser(nn.Module):
     """The full tower and one parse head per supervised block; forward returns the loss dict
     the training loop sums (`shape_loss`, `color_loss`, `size_loss`, averaged over heads)."""
 
-    def __init__(self, cfg: VisionConfig = SHAPES_VISION_CONFIG, supervise: Sequence[int] = (-1, -2)):
+    def __init__(self, cfg: VisionConfig = SHAPES_VISION_CONFIG, supervise: Sequence[int] = (-1, -2),
+                 cell_bias: bool = True):
         super().__init__()
         self.cfg = cfg
         self.tower = build_tower(cfg)
@@ -235,7 +242,7 @@ class SceneParser(nn.Module):
         # The final block's head reads through the tower's own ln_post (trained, not left at init).
         self.heads = nn.ModuleDict({
             str(i): CellParseHead(cfg.width, cfg.heads, cfg.image_size, cfg.patch_size,
-                                  norm=self.tower.ln_post if i == depth - 1 else None)
+                                  norm=self.tower.ln_post if i == depth - 1 else None, cell_bias=cell_bias)
             for i in self.blocks})
 
     def block_tokens(self, pixels: Tensor) -> list[Tensor]:
@@ -322,7 +329,7 @@ def pretrain_vision(out_dir: str | Path = DEFAULT_DIR, steps: int = 600, seed: i
                     lr: float = 2e-3, min_lr: float = 1e-4, warmup_steps: int = 100, weight_decay: float = 0.05,
                     label_smoothing: float = 0.0, supervise: Sequence[int] = (-1, -2), grey: float = 0.25,
                     cfg: VisionConfig = SHAPES_VISION_CONFIG, probe: bool = True, num_threads: Optional[int] = None,
-                    log_every: int = 50, command: Optional[str] = None) -> dict:
+                    log_every: int = 50, command: Optional[str] = None, cell_bias: bool = True) -> dict:
     """Pretrain the tower by scene parsing with blip2lab's training loop, save the tower
     (`model.safetensors`, `config.json`) and `recipe.json` (the call, wall time, steps/s,
     loss curve and, with `probe=True`, the linear-probe gate) into `out_dir`. Returns the
@@ -331,7 +338,7 @@ def pretrain_vision(out_dir: str | Path = DEFAULT_DIR, steps: int = 600, seed: i
 
     with _torch_threads(num_threads):
         torch.manual_seed(seed)
-        model = SceneParser(cfg, supervise=supervise)
+        model = SceneParser(cfg, supervise=supervise, cell_bias=cell_bias)
         # The loop's TrainConfig names BLIP-2's losses; the backbone's objective goes in through
         # loss_kwargs (which override cfg.losses), so `losses` below is only a placeholder.
         tcfg = TrainConfig(losses=("itc",), lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, max_steps=steps,
@@ -355,7 +362,7 @@ def pretrain_vision(out_dir: str | Path = DEFAULT_DIR, steps: int = 600, seed: i
             "call": command or (f"pretrain_vision(out_dir={str(out_dir)!r}, steps={steps}, seed={seed}, "
                                 f"batch_size={batch_size}, lr={lr}, min_lr={min_lr}, warmup_steps={warmup_steps}, "
                                 f"weight_decay={weight_decay}, label_smoothing={label_smoothing}, "
-                                f"supervise={tuple(supervise)}, grey={grey})"),
+                                f"supervise={tuple(supervise)}, grey={grey}, cell_bias={cell_bias})"),
             "objective": "supervised scene parsing: per cell of the 2x3 grid, shape/color/size (+none), "
                          "cell-query cross-attention heads on blocks " + str(model.blocks),
             "data": f"make_split('train', {steps * batch_size}, seed={seed}) rendered on the fly; "
@@ -517,6 +524,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--grey", type=float, default=0.25, help="fraction of greyscale images (colour ignored)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-probe", action="store_true")
+    p.add_argument("--no-cell-bias", dest="cell_bias", action="store_false",
+                   help="parse heads without the learned per-cell attention bias (tokens must carry position)")
     args = p.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = "python -m blip2lab.backbones.vision " + " ".join(map(shlex.quote, given))
@@ -524,7 +533,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                              min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                              label_smoothing=args.label_smoothing,
                              supervise=tuple(int(s) for s in args.supervise.split(",")), grey=args.grey,
-                             probe=not args.no_probe, num_threads=args.threads, command=command)
+                             probe=not args.no_probe, num_threads=args.threads, command=command,
+                             cell_bias=args.cell_bias)
     print(json.dumps({k: recipe[k] for k in ("wall_seconds", "steps_per_second", "final_losses", "probe")
                       if k in recipe}, indent=2))
 
