@@ -39,7 +39,18 @@ from __future__ import annotations
 import os
 import sys
 
-_THREADS = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), None)
+
+def _threads_arg(argv: list[str]) -> str | None:
+    """--threads N or --threads=N, read before numpy loads its BLAS, which fixes its thread count then."""
+    for i, a in enumerate(argv):
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+_THREADS = _threads_arg(sys.argv[1:])
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy loads BLAS
     if _THREADS is not None:
         os.environ[_var] = _THREADS
@@ -82,8 +93,8 @@ class Synthetic:
     image's content in r directions U, seen by every query through its own gains w_q, plus
     per-query detail xi; eps isotropic noise. A caption of image i: a mu_t + b' mu +
     c' U (u_i + noise) + noise, with mu_t the text cone (the modality gap). The mixing
-    weights give, on "lowrank", statistics close to the shapes model's (intra-image query
-    cosine 0.66 vs 0.66, same position across images 0.6 vs 0.73)."""
+    weights were chosen to land near the shapes model's statistics (intra-image query
+    cosine, same position across images, score spread: `structure` prints them for both)."""
 
     def __init__(self, rank: int, alpha: float, Q: int = 32, E: int = 256, seed: int = 0):
         g = np.random.default_rng(seed)
@@ -146,7 +157,8 @@ def build_synthetic(name: str, n_images: int, n_texts: int,
     start = time.perf_counter()
     captions = [f"caption of {j % n_images}" for j in range(n_texts)]
     texts = index_from_embeddings(folder / f"texts-{n_texts}", "texts", captions, (syn.E,),
-                                  lambda a, b: syn.texts(np.arange(a, b) % n_images, seed=a), batch_size=16 * CHUNK, sketch_dim=sketch_dim, source={"synthetic": name})
+                                  lambda a, b: syn.texts(np.arange(a, b) % n_images, seed=a), batch_size=16 * CHUNK,
+                                  sketch_dim=sketch_dim, source={"synthetic": name})
     times.setdefault(f"texts_{n_texts}_s", time.perf_counter() - start)
     _save_times(folder, times)
     return images, texts, syn, times
@@ -298,6 +310,24 @@ def compare(label: str, queries: list[np.ndarray], index, faiss_search, k: int) 
     return out
 
 
+def structure(images: ImageIndex, text_queries: list[np.ndarray]) -> dict:
+    """What makes the data easy or hard, to compare synthetic with real: cosines between an
+    image's queries and between one query position's outputs for two images, the spread of
+    text -> image scores, and the share of the (position-centred) energy the sketch holds."""
+    z = np.asarray(images.embeddings[:1000], dtype=np.float32)  # (n, Q, E)
+    n, Q, _ = z.shape
+    gram = np.einsum("nqe,npe->nqp", z, z)  # (n, Q, Q)
+    intra = gram[:, ~np.eye(Q, dtype=bool)].mean()
+    cross = np.einsum("nqe,nqe->", z[: n // 2], z[n // 2: 2 * (n // 2)]) / (n // 2) / Q
+    scores = [images.full_scan(t[None]) for t in text_queries[:3]]
+    centred = (z - images.means).reshape(-1, z.shape[-1])
+    head = np.linalg.norm(centred @ images.basis, axis=1) ** 2 / np.linalg.norm(centred, axis=1) ** 2
+    return {"intra_image_query_cosine": round(float(intra), 3), "same_position_cosine": round(float(cross), 3),
+            "score_median": round(float(np.median(np.concatenate(scores))), 3),
+            "score_10th_best": round(float(np.mean([np.sort(s)[-10] for s in scores])), 3),
+            "sketch_energy_share": round(float(head.mean()), 3)}
+
+
 def sizes(images: ImageIndex, texts: TextIndex, times: dict) -> dict:
     return {"build_s": {k: round(v, 1) for k, v in times.items() if k.endswith("_s")},
             "disk_mb": {"images": round(_disk_bytes(images) / 2**20, 1), "texts": round(_disk_bytes(texts) / 2**20, 1)},
@@ -318,7 +348,8 @@ def run_shapes(args) -> dict:
     picks = rng.choice(len(images), args.queries, replace=False)
     text_queries = [pipe.embed_texts(texts.keys[i])[0].numpy() for i in picks]  # a caption of image i
     image_queries = [np.asarray(images.embeddings[i], dtype=np.float32) for i in picks]  # (Q, E)
-    out = {"data": "shapes-stage1 real embeddings", **info}
+    out = {"data": "shapes-stage1 real embeddings", **info, "structure": structure(images, text_queries)}
+    print(f"  structure: {out['structure']}", flush=True)
     fa = Faiss(images, args.threads)
     out["text_to_image"] = compare("text -> image", text_queries, images, lambda q: fa.text_to_image(q, 10), 10)
     fa.free()
@@ -367,7 +398,8 @@ def run_synthetic(args, name: str) -> dict:
     picks = rng.choice(args.images, args.queries, replace=False)
     text_queries = list(syn.texts(picks, seed=10**6))  # new captions of indexed images
     image_queries = [np.asarray(images.embeddings[i], dtype=np.float32) for i in picks]
-    out = {"data": f"synthetic {name}: {SYNTHETIC[name]}", **info}
+    out = {"data": f"synthetic {name}: {SYNTHETIC[name]}", **info, "structure": structure(images, text_queries)}
+    print(f"  structure: {out['structure']}", flush=True)
     fa = Faiss(images, args.threads)
     out["text_to_image"] = compare("text -> image", text_queries, images, lambda q: fa.text_to_image(q, 10), 10)
     fa.free()
