@@ -2,7 +2,7 @@
 and against FAISS (IndexFlatIP) on the same stored vectors, in the same run.
 
     python benchmarks/retrieval_index.py                          # shapes + synthetic, 2 threads
-    python benchmarks/retrieval_index.py --only shapes --json runs/retrieval_index/results.json
+    python benchmarks/retrieval_index.py --only shapes --threads 1 --json shapes.json   # default: runs/retrieval_index/results.json
     OMP_NUM_THREADS=1 python benchmarks/retrieval_index.py --build-only   # just build the cached indexes
 
 Two kinds of data, reported apart:
@@ -421,7 +421,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]))
     parser.add_argument("--build-only", action="store_true", help="build (or finish) the cached indexes and stop")
-    parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--json", default=str(CACHE / "results.json"), help="where the results are written")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -436,9 +436,9 @@ def main() -> None:
     results["wall_s"] = round(time.perf_counter() - start, 1)
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # > cores: the timings are contended
     print(f"done in {results['wall_s']} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {args.json}")
 
 
 if __name__ == "__main__":
