@@ -68,6 +68,8 @@ class Blip2(nn.Module):
                 nn.init.zeros_(head.bias)
         if q.init_from is not None and init_from_bert:
             init_qformer_from_bert(self.qformer, q.init_from)
+        if q.freeze_word_embeddings:  # rebuilt from qformer.init_from, never trained (QFormerConfig)
+            self.qformer.word_embeddings.requires_grad_(False)
         self.llm: Optional[LanguageModel] = None
         if language_model is None and config.llm.kind != "none":
             language_model = load_llm(config.llm)

@@ -7,6 +7,9 @@
     blip2lab shapes pretrain-vision | pretrain-lm [--which opt,t5,bert]
     blip2lab shapes train stage1|stage2 [--llm opt|t5] [--stage1 DIR] [--preset ...]
     blip2lab shapes eval caption|vqa|retrieval --model DIR [--preset ...]
+    blip2lab minireal build [--preset default|tiny] [--out runs/minireal] [--seed 0]
+    blip2lab minireal train stage1|stage2 [--stage1 DIR] [--resume] [--preset ...]
+    blip2lab minireal eval [--model DIR] [--preset ...]
 
 --model defaults to $BLIP2LAB_MODEL, else the shipped shapes model. Decoding options:
 --beams, --max-new-tokens, --min-new-tokens, --sample (nucleus sampling, top-p 0.9).
@@ -52,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval", help="a checkpoint with ITC/ITM heads, when --model has none")
     common(p)
     _shapes_parser(sub)
+    _minireal_parser(sub)
     return parser
 
 
@@ -127,6 +131,57 @@ def _shapes(args: argparse.Namespace) -> None:
         print(json.dumps(recipe.evaluate(load(args.model), preset, args.seed, tasks), indent=2, default=str))
 
 
+def _minireal_parser(sub) -> None:
+    minireal = sub.add_parser("minireal", help="mini-real: real frozen parts from packages, trained on cliparts")
+    steps = minireal.add_subparsers(dest="minireal_command", required=True)
+
+    def preset(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="default",
+                       help="tiny (seconds) or default (both stages in <= 2 h on 2 cores)")
+        p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override preset fields")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default="runs/minireal", help="where features, stages, logs and the result go")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its JVM takes seconds to start)")
+
+    preset(steps.add_parser("build", help="feature cache, stage 1, stage 2 on SmolLM2, evaluation"))
+    p = steps.add_parser("train", help="one stage")
+    p.add_argument("stage", choices=["stage1", "stage2"])
+    p.add_argument("--stage1", help="stage-1 folder to start stage 2 from (default: OUT/stage1; 'none': from MiniLM)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/logs/stageN/checkpoint")
+    preset(p)
+    p = steps.add_parser("eval", help="evaluate a saved mini-real folder; writes its eval.json")
+    p.add_argument("--model", default=None, help="the folder (default: OUT/mini-real)")
+    preset(p)
+
+
+def _minireal(args: argparse.Namespace, command: str) -> None:
+    from pathlib import Path
+
+    from .recipes import minireal as recipe
+
+    preset = recipe.preset_with(args.preset, args.set)
+    out, progress, meteor = Path(args.out), not args.quiet, not args.no_meteor
+    cmd = args.minireal_command
+    if cmd == "build":
+        report = recipe.build(out, preset, args.seed, progress=progress, command=command, meteor=meteor)
+        print(json.dumps({k: report[k] for k in ("seed", "total_s")} | {
+            n: {"timings_s": report[n]["recipe"]["timings_s"], "peak_rss_mb": report[n]["recipe"]["peak_rss_mb"]}
+            for n in ("stage1", "mini-real")}, indent=2))
+    elif cmd == "train" and args.stage == "stage1":
+        _, record = recipe.train_stage1(out, preset, args.seed, progress=progress, resume=args.resume, command=command)
+        print(json.dumps({k: record[k] for k in ("timings_s", "peak_rss_mb", "history_ends")}, indent=2))
+    elif cmd == "train":
+        stage1 = None if args.stage1 == "none" else Path(args.stage1 or out / "stage1")
+        _, record = recipe.train_stage2(out, stage1, preset, args.seed, progress=progress, resume=args.resume,
+                                        command=command)
+        print(json.dumps({k: record[k] for k in ("timings_s", "peak_rss_mb", "weights_bytes", "history_ends")},
+                         indent=2))
+    else:
+        results = recipe.evaluate_folder(args.model or out / recipe.SHIPPED_NAME, preset, out, meteor=meteor)
+        print(json.dumps({k: v for k, v in results.items() if k != "slice"}, indent=2, default=str))
+
+
 def _decoding(args: argparse.Namespace) -> dict:
     out = {}
     if args.beams is not None:
@@ -144,6 +199,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "shapes":
         _shapes(args)
+        return 0
+    if args.command == "minireal":
+        _minireal(args, " ".join(["blip2lab", *(sys.argv[1:] if argv is None else argv)]))
         return 0
     from .pipeline import load
 

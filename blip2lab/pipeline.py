@@ -6,6 +6,8 @@ the CLI and the notebooks all go through it.
 Sources `load` understands, in this order:
 1. a shipped model name (`PRESETS`, the trained models under `models/`);
 2. a blip2lab checkpoint folder (`config.json` + `model.safetensors`, tokenizers beside them);
+   one saved with `rebuild_frozen=True` (mini-real) holds only the trained parts, and its
+   frozen encoder, LLM and word embeddings are rebuilt from the packages its config names;
 3. an official Salesforce checkpoint in Hugging Face layout: a local folder, or a hub id
    where a hub is reachable (`blip2lab.official`).
 """
@@ -191,11 +193,14 @@ class Blip2Pipeline:
 
     # -- persistence -----------------------------------------------------------------------
 
-    def save(self, path: str | Path, dtype: Optional[torch.dtype] = None, retrieval: Optional[str] = None) -> Path:
+    def save(self, path: str | Path, dtype: Optional[torch.dtype] = None, retrieval: Optional[str] = None,
+             rebuild_frozen: bool = False) -> Path:
         """A blip2lab checkpoint folder that `load` reopens offline: weights (at `dtype` if
         given), config, tokenizers, and optionally a link to a retrieval model folder
-        (`retrieval`, relative to this folder), which `load` then opens beside it."""
-        path = save_pretrained(self.model, path, dtype)
+        (`retrieval`, relative to this folder), which `load` then opens beside it.
+        `rebuild_frozen=True` stores only what trained: the frozen parts are rebuilt from
+        their sources when the folder is loaded (weights.save_pretrained; mini-real)."""
+        path = save_pretrained(self.model, path, dtype, rebuild_frozen=rebuild_frozen)
         if retrieval is not None:
             (path / PIPELINE_NAME).write_text(json.dumps({"retrieval": retrieval}, indent=2) + "\n")
         if self.processor.qformer_tokenizer is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -70,18 +70,47 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], allowed_missing:
 
 
 LLM_CONFIG_DIR = "llm"  # the frozen LLM's transformers config, to rebuild it without its source folder
+REBUILT_META = "rebuilt"  # weights-file metadata: {state-dict prefix: fingerprint} of the parts left out
 
 
-def save_pretrained(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype] = None) -> Path:
+def rebuildable_parts(model: nn.Module) -> dict[str, nn.Module]:
+    """The frozen parts of a `Blip2` that building it from its config restores exactly, so a
+    checkpoint may leave them out (`save_pretrained(rebuild_frozen=True)`), by state-dict
+    prefix: the image encoder when `vision.weights` names its pretrained weights, the LLM
+    (from `llm.name_or_path`) and, with `qformer.freeze_word_embeddings`, the Q-Former's word
+    embeddings (from `qformer.init_from`). A part with any trainable parameter is not one:
+    what it learned exists nowhere else."""
+    cfg = model.config
+    parts: dict[str, nn.Module] = {}
+    if cfg.vision.weights is not None:
+        parts["image_encoder."] = model.image_encoder
+    if getattr(model, "llm", None) is not None:
+        parts["llm.model."] = model.llm.model
+    if cfg.qformer.freeze_word_embeddings:
+        parts["qformer.word_embeddings."] = model.qformer.word_embeddings
+    return {prefix: part for prefix, part in parts.items() if not any(p.requires_grad for p in part.parameters())}
+
+
+def save_pretrained(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype] = None,
+                    rebuild_frozen: bool = False) -> Path:
     """Write `config.json` + `model.safetensors` (+ `llm/config.json` when there is an LLM).
     Tied weights (an LLM's embeddings and LM head, ...) are stored once; the other names
     are kept as aliases in the file's metadata. The weights file is written atomically.
     `dtype` (e.g. torch.float16) stores floating tensors at that precision, half the size;
-    loading copies them into the model's own dtype."""
+    loading copies them into the model's own dtype.
+    `rebuild_frozen=True` leaves out the `rebuildable_parts` (frozen, rebuilt from their
+    sources at load time): the file then holds only what trained, plus a fingerprint of
+    each part left out, which `load_pretrained` checks against the rebuilt one."""
+    from .feature_cache import encoder_fingerprint
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    rebuilt = rebuildable_parts(model) if rebuild_frozen else {}
+    left_out = tuple(rebuilt)
     state, aliases, seen = {}, {}, {}
     for key, tensor in model.state_dict().items():
+        if key.startswith(left_out):
+            continue
         ident = (tensor.data_ptr(), tensor.shape, tensor.stride()) if tensor.numel() else None
         if ident is not None and ident in seen:
             aliases[key] = seen[ident]
@@ -90,11 +119,14 @@ def save_pretrained(model: nn.Module, path: str | Path, dtype: Optional[torch.dt
             seen[ident] = key
         tensor = tensor.detach().contiguous().cpu()
         state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    metadata = {"format": "pt", "library": "blip2lab", "aliases": json.dumps(aliases)}
+    if rebuilt:
+        metadata[REBUILT_META] = json.dumps({prefix: encoder_fingerprint(part) for prefix, part in rebuilt.items()})
     tmp = path / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "library": "blip2lab", "aliases": json.dumps(aliases)})
+    save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path / WEIGHTS_NAME)  # a crash never leaves half a file under the real name
     (path / CONFIG_NAME).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
-    if getattr(model, "llm", None) is not None:
+    if getattr(model, "llm", None) is not None and "llm.model." not in rebuilt:
         model.llm.model.config.save_pretrained(path / LLM_CONFIG_DIR)
     return path
 
@@ -125,7 +157,9 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
     strict load: leftovers, missing keys and shape mismatches are one error naming them);
     then each tensor is read on its own, converted to the dtype the model declares for it,
     moved to `map_location` and put in place (`assign`, no copy into a random twin). Peak
-    memory is the model plus one tensor. Tied weights stored once come back tied."""
+    memory is the model plus one tensor. Tied weights stored once come back tied.
+    A folder saved with `rebuild_frozen=True` is built from its config for real instead:
+    the parts it leaves out come from their sources (`_load_rebuilding`)."""
     from accelerate import init_empty_weights
 
     from .blip2 import Blip2  # the model imports this module; import late to avoid a cycle
@@ -139,6 +173,9 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
     file = path / WEIGHTS_NAME
     shards = _Shards(path)  # header checked here: a truncated file fails before anything is built
     aliases = _aliases(file)
+    rebuilt = _metadata_json(file, REBUILT_META, None)
+    if rebuilt is not None:
+        return _load_rebuilding(file, config, shards, aliases, rebuilt, map_location)
     language_model = None
     if config.llm.kind != "none":
         from transformers import AutoConfig
@@ -172,34 +209,87 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
     return model.to(map_location).eval()
 
 
-def _aliases(file: Path) -> dict[str, str]:
-    """The tied names `save_pretrained` stored once: alias key -> stored key (header only)."""
+def _metadata_json(file: Path, key: str, default):
+    """A JSON entry of a safetensors file's metadata (header only)."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("aliases", "{}"))
+            text = (f.metadata() or {}).get(key)
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"cannot read {file}: it is not a complete safetensors file ({err})") from err
+    return default if text is None else json.loads(text)
 
 
-def load_weights_into(model: nn.Module, path: str | Path) -> None:
+def _aliases(file: Path) -> dict[str, str]:
+    """The tied names `save_pretrained` stored once: alias key -> stored key (header only)."""
+    return _metadata_json(file, "aliases", {})
+
+
+# Where each rebuilt part comes from, for the error that says it is not the part trained with.
+_REBUILT_SOURCE = {"image_encoder.": ("vision", "weights"), "llm.model.": ("llm", "name_or_path"),
+                   "qformer.word_embeddings.": ("qformer", "init_from")}
+
+
+def _load_rebuilding(file: Path, config: Blip2Config, shards, aliases: dict[str, str], rebuilt: dict[str, str],
+                     map_location: str | torch.device):
+    """A checkpoint saved with `rebuild_frozen=True`: build the model from its config for
+    real (the parts left out come from their sources: packages, a cache, a hub), then
+    `_copy_stored` checks those parts and copies the stored tensors in."""
+    from .blip2 import Blip2
+
+    try:
+        model = Blip2(config)
+        _copy_stored(model, file, shards, aliases, rebuilt)
+    finally:
+        shards.close()
+    return model.to(map_location).eval()
+
+
+def _copy_stored(model: nn.Module, file: Path, shards, aliases: dict[str, str], rebuilt: dict[str, str],
+                 fresh: Sequence[str] = ()) -> None:
+    """Copy a weights file into `model`, strictly: every key of the model is stored, and
+    nothing else, but the parts the file left out (`rebuilt`: prefix -> fingerprint), each
+    of which must be the very part the checkpoint was trained with, and the keys under the
+    `fresh` prefixes (parts the checkpoint never had), which keep their values."""
+    from .feature_cache import encoder_fingerprint
+
+    parts = rebuildable_parts(model) if rebuilt else {}
+    for prefix, fingerprint in rebuilt.items():
+        if prefix not in parts:
+            raise WeightsError(f"{file} leaves out {prefix.rstrip('.')}, which this model does not rebuild "
+                               f"(rebuildable here: {sorted(parts) or 'nothing'})")
+        here = encoder_fingerprint(parts[prefix])
+        if here != fingerprint:
+            section, name = _REBUILT_SOURCE[prefix]
+            raise WeightsError(f"{file} was trained with other {prefix.rstrip('.')} weights than "
+                               f"{section}.{name} = {getattr(getattr(model.config, section), name)!r} gives here "
+                               f"(fingerprint {fingerprint} there, {here} here): another version of that source")
+    own = model.state_dict()
+    stored = set(shards.shapes) | set(aliases)
+    expected = {k for k in own if not k.startswith(tuple(rebuilt)) and (k in stored or not k.startswith(tuple(fresh)))}
+    bad_shapes = [f"{k}: {shards.shapes[k]} in {file}, {tuple(own[k].shape)} in model"
+                  for k in sorted(set(shards.shapes) & set(own)) if tuple(shards.shapes[k]) != tuple(own[k].shape)]
+    raise_load_problems(str(file), expected - stored, stored - expected, bad_shapes)
+    with torch.no_grad():
+        for key in shards.shapes:
+            own[key].copy_(shards.get(key))
+        for key, target in aliases.items():
+            own[key].copy_(own[target])  # tied in the model too: a copy onto itself
+
+
+def load_weights_into(model: nn.Module, path: str | Path, fresh: Sequence[str] = ()) -> None:
     """Overwrite an existing model's weights with a `save_pretrained` folder's, strictly,
     one tensor at a time (a resumed training run: the model exists already, so the whole
-    file is never read into memory beside it)."""
+    file is never read into memory beside it). A folder saved with `rebuild_frozen=True`
+    leaves the model's frozen parts as they are, once their fingerprints match. `fresh`:
+    prefixes of parts the checkpoint may lack and that keep their values (stage 2 started
+    from a stage-1 folder: "llm.")."""
     from .official import _Shards
 
     path = Path(path)
     file = path / WEIGHTS_NAME
     shards = _Shards(path)
-    aliases = _aliases(file)
-    own = model.state_dict()
-    stored = set(shards.shapes) | set(aliases)
-    bad_shapes = [f"{k}: {shards.shapes[k]} in {file}, {tuple(own[k].shape)} in model"
-                  for k in sorted(set(shards.shapes) & set(own)) if tuple(shards.shapes[k]) != tuple(own[k].shape)]
-    raise_load_problems(str(file), set(own) - stored, stored - set(own), bad_shapes)
     try:
-        with torch.no_grad():
-            for key in shards.shapes:
-                own[key].copy_(shards.get(key))
+        _copy_stored(model, file, shards, _aliases(file), _metadata_json(file, REBUILT_META, {}), fresh)
     finally:
         shards.close()
 
@@ -366,6 +456,9 @@ def init_qformer_from_bert(qformer: nn.Module, path: str | Path) -> list[str]:
             own[key].copy_(value)
         words = state["embeddings.word_embeddings.weight"]  # (V_bert, D_q)
         own["word_embeddings.weight"][: words.shape[0]].copy_(words)
+        if cfg.freeze_word_embeddings:  # the added rows ([DEC]) never train: a fixed draw, not the global RNG's
+            extra = own["word_embeddings.weight"][words.shape[0]:]  # (V - V_bert, D_q)
+            extra.copy_(torch.randn(extra.shape, generator=torch.Generator().manual_seed(0)) * cfg.init_std)
         bias = state.get("cls.predictions.bias")
         if bias is not None:
             own["lm_head.bias"][: bias.shape[0]].copy_(bias)

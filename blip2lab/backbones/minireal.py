@@ -18,11 +18,13 @@ sentence-transformers/all-MiniLM-L6-v2`, `--model.llm.name_or_path=HuggingFaceTB
 SmolLM2-135M-Instruct`); timm's own `tf_efficientnet_lite0` weights are in timm's layout
 and load through the same `vision.weights` field.
 
-The deviations from the paper's parts, all of size: EfficientNet-lite0 is a CNN (tokens:
+The deviations from the paper's parts, all but the last of size: EfficientNet-lite0 is a CNN (tokens:
 its 7x7 head map and the map's mean in [CLS]'s place, efficientnet.py), not a ViT; the
 Q-Former is MiniLM's 6 layers of width 384 (cross-attention on layers 0, 2, 4), not
 BERT-base's 12 of 768; MiniLM ships no MLM head, so the ITG head starts fresh apart from
-its decoder, tied to the copied word embeddings; the LLM has 135M parameters, not 2.7B.
+its decoder, tied to the copied word embeddings; the LLM has 135M parameters, not 2.7B;
+MiniLM's word embeddings stay frozen (`freeze_word_embeddings`), so a checkpoint need not
+carry them (recipes/minireal.py says why).
 """
 
 from __future__ import annotations
@@ -75,9 +77,13 @@ def llm_tokenizer(source: str = SMOLLM2):
     return tokenizer_from_path(source)
 
 
-def qformer_config(num_queries: int = 32, cross_attention_freq: int = 2, source: str = MINILM) -> QFormerConfig:
+def qformer_config(num_queries: int = 32, cross_attention_freq: int = 2, source: str = MINILM,
+                   freeze_word_embeddings: bool = True) -> QFormerConfig:
     """A Q-Former shaped like the BERT at `source` and initialised from it (paper Sec. 3.1:
-    from bert-base-uncased; here all-MiniLM-L6-v2: 6 layers, width 384, 12 heads)."""
+    from bert-base-uncased; here all-MiniLM-L6-v2: 6 layers, width 384, 12 heads).
+    `freeze_word_embeddings`: MiniLM's 30522 x 384 word embeddings (11.7M of the Q-Former's
+    33.7M parameters, 47 MB in fp32) stay frozen and are rebuilt from the package at load
+    time, so the shipped checkpoint holds only what trained (QFormerConfig, recipes/minireal.py)."""
     from transformers import AutoConfig
 
     bert = AutoConfig.from_pretrained(local_model(source))
@@ -88,7 +94,8 @@ def qformer_config(num_queries: int = 32, cross_attention_freq: int = 2, source:
         vocab_size=len(tok), max_position_embeddings=bert.max_position_embeddings,
         hidden_dropout=bert.hidden_dropout_prob, attention_dropout=bert.attention_probs_dropout_prob,
         layer_norm_eps=bert.layer_norm_eps, pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id,
-        sep_token_id=tok.sep_token_id, dec_token_id=tok.convert_tokens_to_ids("[DEC]"), init_from=source)
+        sep_token_id=tok.sep_token_id, dec_token_id=tok.convert_tokens_to_ids("[DEC]"), init_from=source,
+        freeze_word_embeddings=freeze_word_embeddings)
 
 
 def llm_config(source: str = SMOLLM2, **overrides) -> LLMConfig:
