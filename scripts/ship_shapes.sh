@@ -15,7 +15,7 @@ set -euo pipefail
 export OMP_NUM_THREADS=1
 BL=".venv/bin/blip2lab"
 PY=".venv/bin/python"
-SET=(stage1_steps=1200 stage2_steps=3000)
+SET=(stage1_steps=1200 stage2_steps=3000 stage1_siblings=true)
 PRESET=(--preset default --set "${SET[@]}")
 mkdir -p runs/shapes
 STEP=${1:-all}
