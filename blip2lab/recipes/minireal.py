@@ -321,32 +321,49 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def train_stage1(out: str | Path, preset: MiniRealPreset, seed: int = 0, data: Optional[ClipartData] = None,
-                 progress: bool = True, resume: bool = False, command: Optional[str] = None
-                 ) -> tuple[Blip2Pipeline, dict]:
-    """Stage 1 (ITC + ITM + ITG) on the clipart captions. Saves out/stage1 (trained parts,
-    fp32: stage 2 starts from it) with recipe.json; returns the pipeline and the record."""
-    out = Path(out)
-    timings: dict[str, float] = {}
+def _prepare(out: Path, preset: MiniRealPreset, seed: int, data: Optional[ClipartData], progress: bool,
+             llm: bool, timings: dict, stage1: Optional[str | Path] = None):
+    """What both stages start from, each step timed into `timings`: the clipart data, a fresh
+    model (seeded; with `stage1`, every stage-1 weight loaded and only the LLM side new), its
+    processor and the frozen features cached once."""
     with Timer() as t:
         data = load_data(preset, out) if data is None else data
     timings["data"] = t.seconds
-    config = config_for(preset, llm=False)
+    config = config_for(preset, llm=llm)
     torch.manual_seed(seed)  # the fresh parts' init (cross-attention, queries, heads)
     with Timer() as t:
         model = Blip2(config)
+        if stage1 is not None:
+            load_weights_into(model, stage1, fresh=("llm.",))
     timings["build_model"] = t.seconds
     processor = processor_for(config)
     with Timer() as t:
         cache = feature_cache(model, data, preset, out, seed, progress)
     timings["feature_cache"] = t.seconds
-    texts = [data.items[i].captions for i in data.train]
-    stream = BatchStream(ClipartPairs(CachedFeatureDataset(cache, seed=seed), texts, seed), preset.stage1_batch,
-                         stage1_collate(processor), seed=seed)
+    return data, model, processor, cache
+
+
+def _fit(model: Blip2, cache, texts: list, collate, stage: int, preset: MiniRealPreset, seed: int, out: Path,
+         progress: bool, resume: bool, timings: dict) -> list[dict]:
+    """One stage of the shared training loop over (cached features, texts) pairs."""
+    batch = preset.stage1_batch if stage == 1 else preset.stage2_batch
+    stream = BatchStream(ClipartPairs(CachedFeatureDataset(cache, seed=seed), texts, seed), batch, collate, seed=seed)
     with Timer() as t:
-        history = train(model, stream, train_config(preset, 1, seed), out_dir=out / "logs" / "stage1",
+        history = train(model, stream, train_config(preset, stage, seed), out_dir=out / "logs" / f"stage{stage}",
                         save_weights=_save_trained, progress=progress, resume=resume)
-    timings["stage1_train"] = t.seconds
+    timings[f"stage{stage}_train"] = t.seconds
+    return history
+
+
+def train_stage1(out: str | Path, preset: MiniRealPreset, seed: int = 0, data: Optional[ClipartData] = None,
+                 progress: bool = True, resume: bool = False, command: Optional[str] = None
+                 ) -> tuple[Blip2Pipeline, dict]:
+    """Stage 1 (ITC + ITM + ITG) on the clipart captions. Saves out/stage1 (trained parts,
+    fp32: stage 2 starts from it) with recipe.json; returns the pipeline and the record."""
+    out, timings = Path(out), {}
+    data, model, processor, cache = _prepare(out, preset, seed, data, progress, llm=False, timings=timings)
+    texts = [data.items[i].captions for i in data.train]
+    history = _fit(model, cache, texts, stage1_collate(processor), 1, preset, seed, out, progress, resume, timings)
     folder = out / "stage1"
     pipe = Blip2Pipeline(model.eval(), processor, name="stage1")
     pipe.save(folder, rebuild_frozen=True)
@@ -361,29 +378,11 @@ def train_stage2(out: str | Path, stage1: Optional[str | Path], preset: MiniReal
     """Stage 2 on SmolLM2 from a stage-1 folder (its Q-Former, ln_vision and heads start
     here; None: from MiniLM, the paper's Figure 5 ablation). Saves the shipped folder
     out/mini-real (trained parts only, fp16) with recipe.json and returns its path."""
-    out = Path(out)
-    timings: dict[str, float] = {}
-    with Timer() as t:
-        data = load_data(preset, out) if data is None else data
-    timings["data"] = t.seconds
-    config = config_for(preset, llm=True)
-    torch.manual_seed(seed)
-    with Timer() as t:
-        model = Blip2(config)
-        if stage1 is not None:  # every stage-1 weight lands; only the LLM side is new
-            load_weights_into(model, stage1, fresh=("llm.",))
-    timings["build_model"] = t.seconds
-    processor = processor_for(config)
-    with Timer() as t:
-        cache = feature_cache(model, data, preset, out, seed, progress)
-    timings["feature_cache"] = t.seconds
+    out, timings = Path(out), {}
+    data, model, processor, cache = _prepare(out, preset, seed, data, progress, llm=True, stage1=stage1,
+                                             timings=timings)
     texts = [stage2_texts(data.items[i]) for i in data.train]
-    stream = BatchStream(ClipartPairs(CachedFeatureDataset(cache, seed=seed), texts, seed), preset.stage2_batch,
-                         stage2_collate(processor), seed=seed)
-    with Timer() as t:
-        history = train(model, stream, train_config(preset, 2, seed), out_dir=out / "logs" / "stage2",
-                        save_weights=_save_trained, progress=progress, resume=resume)
-    timings["stage2_train"] = t.seconds
+    history = _fit(model, cache, texts, stage2_collate(processor), 2, preset, seed, out, progress, resume, timings)
     folder = out / SHIPPED_NAME
     Blip2Pipeline(model.eval(), processor, name=SHIPPED_NAME).save(
         folder, dtype=getattr(torch, preset.shipped_dtype), rebuild_frozen=True)
