@@ -75,6 +75,12 @@ MAX_FOLDER_FILES = 2000
 SHAPES_NOTE = ("This model was trained only on the synthetic shapes world (64x64 scenes of up to three "
                "circles, squares and triangles in six colours on a 2x3 grid). It does not know real photos: "
                "on anything else its answers are shapes-world guesses.")
+PHOTO_MODEL = "mini-real"  # answers uploaded photos in the chat when a shapes model is loaded
+MINIREAL_NOTE = ("mini-real: a frozen EfficientNet-lite0 (ImageNet) and a frozen SmolLM2-135M-Instruct, bridged by "
+                 "a Q-Former initialised from all-MiniLM-L6-v2 and trained here (stage 1 then stage 2) on 4,567 "
+                 "public-domain cliparts of Debian's Open Clip Art, captioned by their human-written titles, "
+                 "descriptions and keywords. It names the main object of simple pictures at best: it has seen no "
+                 "photos in training, and its answers come from a 135M-parameter LLM.")
 MAP_NOTE = ("**What a map is, and is not.** A cross-attention map shows how much each learned query reads "
             "each image patch; Grad-CAM weights that attention by its gradient on the image-text matching "
             "score (clamped at 0, averaged over heads; a word's map weights the queries by how much they "
@@ -130,6 +136,7 @@ class Loaded:
     base_ready: threading.Event = field(default_factory=threading.Event)
     base_error: Optional[str] = None
     scenes: list = field(default_factory=list)  # the gallery's shapes scenes, key "scene:i" -> scenes[i]
+    photo_pipe: Optional[Blip2Pipeline] = None  # mini-real, loaded on the first photo a shapes model is sent
 
     @property
     def is_shapes(self) -> bool:
@@ -240,6 +247,20 @@ def looks_like_scene(image: Image.Image) -> bool:
 def warn_if_not_scene(image: Image.Image) -> None:
     if app().is_shapes and not looks_like_scene(image):
         gr.Warning("This does not look like a shapes-world scene. " + SHAPES_NOTE)
+
+
+def photo_model_for(image: Image.Image) -> Optional[Blip2Pipeline]:
+    """mini-real for a photo sent to a shapes model, when it is shipped (loaded once, on the
+    device of the main model); None otherwise: the loaded model answers. An official or user
+    checkpoint, when configured, is never a shapes model and answers photos itself."""
+    loaded = app()
+    if not loaded.is_shapes or PHOTO_MODEL not in PRESETS or looks_like_scene(image):
+        return None
+    with loaded.lock:
+        if loaded.photo_pipe is None:
+            loaded.photo_pipe = blip2lab.load(PHOTO_MODEL, device=loaded.pipe.device)
+            loaded.photo_pipe.processor.max_pixels = SETTINGS.max_pixels
+    return loaded.photo_pipe
 
 
 def check_question(text: str) -> str:
@@ -366,10 +387,11 @@ def _answer(state: dict, question: str, decoding: dict) -> tuple[str, str]:
     """The model's answer to `question` after the state's earlier turns, and the prompt it saw."""
     loaded = app()
     image = open_image(state["image"])
+    pipe = photo_model_for(image) or loaded.pipe
     with loaded.lock:
-        history, question, prompt = fit_to_context(loaded.pipe, [tuple(t) for t in state["turns"]], question,
+        history, question, prompt = fit_to_context(pipe, [tuple(t) for t in state["turns"]], question,
                                                    decoding["max_new_tokens"])
-        answer = loaded.pipe.answer(image, question, history=[history], **decoding)[0]
+        answer = pipe.answer(image, question, history=[history], **decoding)[0]
     return answer, prompt
 
 
@@ -384,7 +406,10 @@ def chat(message: Optional[dict], state: Optional[dict], *controls) -> tuple:
     files = [f for f in (message.get("files") or []) if f]
     if files:
         image = open_image(files[-1])
-        warn_if_not_scene(image)
+        if photo_model_for(image) is not None:
+            gr.Warning(f"This looks like a photo, not a shapes-world scene: {PHOTO_MODEL} answers it. " + MINIREAL_NOTE)
+        else:
+            warn_if_not_scene(image)
         state = {"image": str(files[-1]), "turns": []}
     text = (message.get("text") or "").strip()
     if not state["image"]:
@@ -805,7 +830,13 @@ def header_markdown() -> str:
     n = sum(p.numel() for p in pipe.model.parameters()) / 1e6
     llm = {"decoder": "a decoder-only LLM (OPT-style)", "encoder_decoder": "an encoder-decoder LLM (T5-style)",
            "none": "no LLM (Q-Former captions)"}[pipe.model.config.llm.kind]
-    trained = SHAPES_NOTE if loaded.is_shapes else "An official or user checkpoint: see its own model card."
+    if loaded.is_shapes:
+        trained = SHAPES_NOTE + (f" Photos in the chat tab are answered by {PHOTO_MODEL}." if PHOTO_MODEL in PRESETS
+                                 else "")
+    elif PHOTO_MODEL in (loaded.name, loaded.pipe.name):
+        trained = MINIREAL_NOTE
+    else:
+        trained = "An official or user checkpoint: see its own model card."
     return f"### blip2lab · model **{loaded.name}** ({n:.2f}M parameters, {llm}, on {pipe.device})\n{trained}"
 
 

@@ -269,3 +269,17 @@ def test_model_tab(loaded):
     info, header, *updates = app.switch_model(loaded.name)  # reload the same model (local: folders allowed)
     assert loaded.name in info and len(updates) == 4 and updates[0]["choices"][0] == "all"
     assert app.APP.base_ready.wait(60)
+
+
+def test_a_photo_sent_to_a_shapes_model_is_answered_by_mini_real(loaded):
+    if not loaded.is_shapes or app.PHOTO_MODEL not in app.PRESETS:  # the tiny random fallback model
+        assert app.photo_model_for(Image.open(ASSETS / "not-a-scene.png").convert("RGB")) is None
+        return
+    scene = Image.open(ASSETS / "red-circle.png").convert("RGB")
+    assert app.photo_model_for(scene) is None  # scenes stay with the shapes model
+    with pytest.warns(UserWarning, match=app.PHOTO_MODEL):
+        messages, _, prompt, state = app.chat({"text": "what is in the picture?",
+                                               "files": [str(ASSETS / "not-a-scene.png")]}, app.new_chat(), *DECODING)
+    assert loaded.photo_pipe is not None and loaded.photo_pipe.name == app.PHOTO_MODEL
+    assert loaded.photo_pipe.model.config.llm.kind == "decoder" and isinstance(answer_of(messages), str)
+    assert app.PHOTO_MODEL in app.header_markdown()
