@@ -52,7 +52,10 @@ def test_shipped_figures_hold_their_floor_and_retrieval_is_stage1():
 
 
 def test_shipped_models_are_small_and_documented():
-    total = sum(f.stat().st_size for f in MODELS_DIR.rglob("*") if f.is_file() and f.suffix == ".safetensors")
+    # The shapes world's weights (its backbones and BLIP-2 models) within issue 4's 40 MB;
+    # mini-real has its own 60 MB bound (tests/test_shipped_minireal.py).
+    total = sum(f.stat().st_size for f in MODELS_DIR.rglob("*.safetensors")
+                if f.relative_to(MODELS_DIR).parts[0] != "mini-real")
     assert total <= 40e6
     for name in ("shapes-stage1", "shapes-opt", "shapes-t5"):
         recipe_file = json.loads((MODELS_DIR / name / "recipe.json").read_text())
