@@ -156,13 +156,19 @@ def load_model(name: str, retrieval: Optional[str] = None, settings: Optional[Se
     """Load a model for everyone and start indexing its base gallery in the background."""
     global APP
     settings = settings or SETTINGS
-    pipe = blip2lab.load(name, retrieval=retrieval, device=settings.device)
-    for proc in {id(pipe.processor): pipe.processor, id(pipe.retrieval_processor): pipe.retrieval_processor}.values():
-        proc.max_pixels = settings.max_pixels
+    pipe = _load_pipe(name, retrieval, settings.device, settings)
     loaded = Loaded(pipe, str(name))
     APP = loaded
     threading.Thread(target=_build_base_gallery, args=(loaded, settings.gallery_size), daemon=True).start()
     return loaded
+
+
+def _load_pipe(name: str, retrieval: Optional[str], device: str, settings: Settings) -> Blip2Pipeline:
+    """blip2lab.load with the app's pixel limit on every processor the pipeline holds."""
+    pipe = blip2lab.load(name, retrieval=retrieval, device=device)
+    for proc in {id(pipe.processor): pipe.processor, id(pipe.retrieval_processor): pipe.retrieval_processor}.values():
+        proc.max_pixels = settings.max_pixels
+    return pipe
 
 
 def _build_base_gallery(loaded: Loaded, size: int) -> None:
@@ -258,8 +264,7 @@ def photo_model_for(image: Image.Image) -> Optional[Blip2Pipeline]:
         return None
     with loaded.lock:
         if loaded.photo_pipe is None:
-            loaded.photo_pipe = blip2lab.load(PHOTO_MODEL, device=loaded.pipe.device)
-            loaded.photo_pipe.processor.max_pixels = SETTINGS.max_pixels
+            loaded.photo_pipe = _load_pipe(PHOTO_MODEL, None, loaded.pipe.device, SETTINGS)
     return loaded.photo_pipe
 
 
