@@ -8,6 +8,8 @@ shared rather than pasted into cells.
   and what a uniform map would put there (the chance level).
 - `localisation`: over many scenes, whether the Q-Former's cross-attention and the ITM
   Grad-CAM (`blip2lab.explain`) land on the object a text names.
+- `map_spread`: how spread out the queries' cross-attention is and how much the queries
+  differ, on any image (no boxes needed: mini-real's photos against the shapes scenes).
 - `image_neighbours`: nearest-neighbour image retrieval with the frozen tower alone.
 
 Shape legend: g patch grid side, Q queries, N image tokens (1 + g*g), D_v image width.
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from .data import shapes as world
 
 __all__ = ["parameter_counts", "trace_shapes", "box_cover", "mass_in_box", "localisation", "summarise_localisation",
-           "image_neighbours", "shared_attributes", "altered_scene"]
+           "map_spread", "image_neighbours", "shared_attributes", "altered_scene"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,6 +201,30 @@ def summarise_localisation(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
         out[k] = {"mean": float(vals.mean()), "sem": float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1
                   else 0.0, "n": int(len(vals))}
     return out
+
+
+def map_spread(maps) -> dict[str, float]:
+    """Three numbers for one image's `explain.CrossAttentionMaps`, each query's map taken
+    over the patches only, renormalised (the [CLS] share left out), every cross-attention
+    layer and head averaged:
+
+    - `entropy`: the maps' entropy / log(g*g), 1 for a uniform map, 0 for a single patch;
+    - `top10_mass`: the mass on the map's most attended 10% of the patches (uniform: 0.10);
+    - `query_similarity`: mean cosine between two different queries' maps (1: all the
+      queries read the same place; a map has no negative entries, so 0 is its floor).
+    """
+    m = maps.select()  # (Q, g, g), mean over layers and heads
+    Q = m.shape[0]
+    p = m.reshape(Q, -1).double()
+    p = p / p.sum(-1, keepdim=True)  # (Q, P)
+    P = p.shape[1]
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / np.log(P)  # (Q,)
+    k = max(1, int(round(0.1 * P)))
+    top = p.topk(k, dim=-1).values.sum(-1)  # (Q,)
+    unit = p / p.norm(dim=-1, keepdim=True)
+    cos = unit @ unit.T  # (Q, Q)
+    off = (cos.sum() - cos.diagonal().sum()) / max(1, Q * (Q - 1))
+    return {"entropy": float(entropy.mean()), "top10_mass": float(top.mean()), "query_similarity": float(off)}
 
 
 # ---------------------------------------------------------------------------------------

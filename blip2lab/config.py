@@ -208,6 +208,10 @@ class LLMConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     prompt: str = "a photo of"  # the captioning prompt of the paper
     max_text_len: int = 32  # LLM tokens of prompt + text in stage 2
+    # Questions (VQA and chat) through the LLM tokenizer's chat template instead of the
+    # paper's "Question: {q} Answer:": for instruction-tuned LLMs (SmolLM2-Instruct), which
+    # answer as the assistant they were tuned to be. Captioning keeps the plain prompt.
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         _check(self.kind in ("none", "decoder", "encoder_decoder"),

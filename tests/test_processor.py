@@ -455,6 +455,27 @@ def test_prompts(dec, encdec, proc):
         proc.vqa_prompt("what?")
 
 
+def test_chat_template_prompts(qtok, otok):
+    """An instruction-tuned LLM (mini-real's SmolLM2) gets its questions in its own chat
+    template: turns as messages, the template's leading BOS left to generation_batch, and
+    the assistant's opening newline kept."""
+    tok = copy.deepcopy(otok)
+    tok.chat_template = ("{% for m in messages %}</s>{{ m['role'] }}\n{{ m['content'] }}<pad>\n{% endfor %}"
+                         "{% if add_generation_prompt %}</s>assistant\n{% endif %}")
+    chat = Blip2Processor(S, CLIP_MEAN, CLIP_STD, qtok, tok, "decoder", chat_template=True)
+    assert chat.vqa_prompt(" what is this? ") == "user\nwhat is this?<pad>\n</s>assistant\n"
+    assert chat.chat_prompt([("what is it?", " a dog ")], "where?") == (
+        "user\nwhat is it?<pad>\n</s>assistant\na dog<pad>\n</s>user\nwhere?<pad>\n</s>assistant\n")
+    assert chat.caption_prompt == "a photo of"  # captions keep the plain prompt stage 2 trained on
+    ids = chat.generation_batch([chat.vqa_prompt("what is this?")])["llm_ids"][0].tolist()
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 2  # one BOS of ours, one in the template
+    assert tok.decode(ids[-1:]).endswith("\n")  # "assistant\n": the newline is not stripped
+    with pytest.raises(ValueError, match="empty question"):
+        chat.vqa_prompt("  ")
+    with pytest.raises(ValueError, match="chat template"):
+        Blip2Processor(S, CLIP_MEAN, CLIP_STD, qtok, otok, "decoder", chat_template=True)  # otok has none
+
+
 def test_clean_caption():
     assert clean_caption("A Dog; sitting... on  the GRASS!\n") == "a dog sitting on the grass"
     assert clean_caption("a b c d", max_words=2) == "a b"

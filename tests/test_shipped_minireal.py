@@ -47,9 +47,11 @@ def test_reevaluates_to_its_json_on_the_slice():
 
 
 def test_captions_and_answers_a_bundled_photo_as_its_json_says(pipe):
-    # The recorded answers are empty (a known defect of this run: after caption-only stage 2 the
-    # LLM ends the "Question: ... Answer:" prompt at once); the test pins what the model does.
+    # Questions go through SmolLM2's chat template (config llm.chat_template). The recorded
+    # answers are fluent and ignore the image (8 of 9 photos get the same sentence: stage 2 saw
+    # captions only); the test pins what the model does, it does not bless it.
     saved = json.loads((FOLDER / "eval.json").read_text())["photos"]
     image = load_photo("chelsea")
     assert pipe.caption([image], **R.CAPTION_DECODING)[0] == saved["per_photo"]["chelsea"]["caption"]
-    assert pipe.answer(image, saved["question"])[0] == saved["per_photo"]["chelsea"]["answer"]
+    answer = pipe.answer(image, saved["question"])[0]
+    assert answer == saved["per_photo"]["chelsea"]["answer"] and answer  # not empty, as the plain prompt's were

@@ -99,8 +99,9 @@ def qformer_config(num_queries: int = 32, cross_attention_freq: int = 2, source:
 
 
 def llm_config(source: str = SMOLLM2, **overrides) -> LLMConfig:
-    """SmolLM2-135M-Instruct as the frozen decoder-only LLM (fp32 on the CPU)."""
-    return LLMConfig(kind="decoder", name_or_path=source, **overrides)
+    """SmolLM2-135M-Instruct as the frozen decoder-only LLM (fp32 on the CPU); questions go
+    through its chat template (captions keep the plain prompt, recipes/minireal.py says why)."""
+    return LLMConfig(kind="decoder", name_or_path=source, **({"chat_template": True} | overrides))
 
 
 def minireal_config(llm: bool = True, num_queries: int = 32, layer_index: int = -1,

@@ -1,0 +1,129 @@
+"""mini-real on the CPU: what one caption and one chat turn cost a user, end to end, and the
+decoding inside them against transformers' own `generate` on the same SmolLM2, the same
+visual prompt and the same text prompt, in the same run (tokens checked identical).
+
+    python benchmarks/minireal_latency.py                   # 2 torch threads (a free CPU Space), the 9 bundled photos
+    python benchmarks/minireal_latency.py --threads 1 --repeats 5 --json OUT.json
+
+Prints, over the bundled photos (scikit-image, scikit-learn, matplotlib):
+* caption: `pipe.caption(photo)` with the paper's defaults (beam 5, <= 30 new tokens);
+* chat turn: `pipe.answer(photo, question)`, the chat tab's defaults (SmolLM2's chat
+  template, beam 5, <= 10 new tokens, length penalty -1);
+  each as median and 90th percentile of the wall clock, and how it splits into the image
+  side (resize, EfficientNet-lite0, Q-Former) and decoding;
+* decoding alone, exactly N new tokens (EOS forbidden until then, so both do the same work),
+  beam 5 and greedy: blip2lab's decoder against `LlamaForCausalLM.generate(inputs_embeds=)`.
+Issue 8's goal: a photo answered in under 2 s on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_medians  # noqa: E402
+
+QUESTION = "What is in the picture?"
+
+
+def wall(fn, repeats: int) -> list[float]:
+    fn()  # warm-up (the decoder's buffers, the allocator), not counted
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    times = sorted(times)
+    return {"median_s": statistics.median(times), "p90_s": times[int(0.9 * (len(times) - 1))], "n": len(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mini-real")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per photo")
+    parser.add_argument("--new-tokens", type=int, default=30, help="decoding-alone comparison length")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import blip2lab
+    from blip2lab.data.photos import load_photos
+    from blip2lab.generation import DecodingConfig
+    from blip2lab.pipeline import VQA_DECODING, decoding_config
+
+    start = time.perf_counter()
+    pipe = blip2lab.load(args.model)
+    load_s = time.perf_counter() - start
+    model, proc = pipe.model, pipe.processor
+    photos = load_photos()
+    prompt = proc.vqa_prompt(QUESTION)
+
+    result: dict = {"model": args.model, "threads": args.threads, "load_s": load_s, "photos": len(photos),
+                    "question": QUESTION, "chat_prompt": prompt}
+    with torch.inference_mode():
+        image_side, caption, chat = [], [], []
+        for photo in photos.values():
+            image_side += wall(lambda: model.query_outputs(pipe._image(photo)), args.repeats)
+            caption += wall(lambda: pipe.caption(photo), args.repeats)
+            chat += wall(lambda: pipe.answer(photo, QUESTION), args.repeats)
+        result["image_side"] = summary(image_side)
+        result["caption"] = summary(caption)
+        result["chat_turn"] = summary(chat)
+        one = next(iter(photos.values()))
+        result["example"] = {"caption": pipe.caption(one)[0], "answer": pipe.answer(one, QUESTION)[0]}
+
+        # Decoding alone: the same prefix (visual prompt + chat prompt) through both decoders.
+        image = pipe._image(one)
+        visual = model.llm.visual_prompt(model.query_outputs(image))  # (1, Q, D_lm)
+        batch = proc.generation_batch([prompt])
+        ids, mask = batch["llm_ids"], batch["llm_mask"]
+        prefix = torch.cat([visual, model.llm.embed(ids)], 1)  # (1, Q + T, D_lm)
+        full_mask = torch.cat([torch.ones_like(visual[..., 0], dtype=mask.dtype), mask], 1)
+        L, eos, pad = args.new_tokens, proc.llm_stop_token_ids, proc.llm_pad_token_id
+        result["decoding"] = []
+        for strategy, beams in (("beam", 5), ("greedy", 1)):
+            def ours():
+                return model.llm.generate(visual, ids, mask, DecodingConfig(strategy=strategy, num_beams=beams,
+                                                                            max_new_tokens=L, min_new_tokens=L),
+                                          eos, pad)
+
+            def peer():
+                return model.llm.model.generate(inputs_embeds=prefix, attention_mask=full_mask, max_new_tokens=L,
+                                                min_new_tokens=L, num_beams=beams, do_sample=False,
+                                                eos_token_id=eos, pad_token_id=pad)
+
+            same = ours().tolist() == peer().tolist()
+            times = interleaved_medians({"transformers": peer, "blip2lab": ours}, repeats=args.repeats, warmup=1)
+            row = {"strategy": strategy, "beams": beams, "new_tokens": L, "identical": same,
+                   "blip2lab_s": times["blip2lab"], "transformers_s": times["transformers"],
+                   "ratio": times["transformers"] / times["blip2lab"]}
+            result["decoding"].append(row)
+
+    print(f"{args.model}, {args.threads} torch thread(s), {len(photos)} photos x {args.repeats} calls; load {load_s:.1f} s")
+    for name in ("image_side", "caption", "chat_turn"):
+        r = result[name]
+        print(f"  {name:10s} median {r['median_s']:.2f} s, p90 {r['p90_s']:.2f} s")
+    print(f"  example: caption {result['example']['caption']!r}, answer {result['example']['answer']!r}")
+    for r in result["decoding"]:
+        print(f"  decoding {r['strategy']:6s} {r['new_tokens']} tokens: blip2lab {r['blip2lab_s']:.3f} s, "
+              f"transformers {r['transformers_s']:.3f} s, ratio {r['ratio']:.2f}x, identical: {r['identical']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if not all(r["identical"] for r in result["decoding"]):
+        raise SystemExit("decoded tokens differ: the comparison is void")
+
+
+if __name__ == "__main__":
+    main()
