@@ -98,6 +98,16 @@ def rows_app(r: dict) -> list[Row]:
     return rows
 
 
+def rows_minireal(r: dict) -> list[Row]:
+    rows = [Row(f"mini-real {name.replace('_', ' ')} ({r['photos']} photos, {r['threads']} thread(s), median)",
+                f"{r[name]['median_s']:.2f} s", "goal 2 s" if name == "chat_turn" else "", "", "")
+            for name in ("caption", "chat_turn")]
+    rows += [Row(f"mini-real decoding {d['strategy']}, {d['new_tokens']} tokens (SmolLM2, same prefix)",
+                 f"{d['blip2lab_s']:.2f} s", f"transformers {d['transformers_s']:.2f} s", f"{d['ratio']:.2f}x",
+                 "identical" if d["identical"] else "DIFFERENT") for d in r["decoding"]]
+    return rows
+
+
 @dataclass
 class Bench:
     name: str
@@ -113,6 +123,7 @@ BENCHES = [
     Bench("stage1", ["benchmarks/stage1_step.py", "--steps", "30", "--json", "{json}"], rows_stage1),
     Bench("retrieval", ["benchmarks/retrieval_index.py", "--json", "{json}"], rows_retrieval),
     Bench("app", ["benchmarks/app_latency.py", "--json", "{json}"], rows_app),
+    Bench("minireal", ["benchmarks/minireal_latency.py", "--json", "{json}"], rows_minireal),
     Bench("gpu", ["benchmarks/gpu.py", "{json}"], lambda r: [], gpu=True),
 ]
 

@@ -245,10 +245,10 @@ RESULTS["map_spread"] = spread
 #   the LLM answers as the assistant it was tuned to be, fluently and about nothing it was
 #   shown (with the paper's "Question: ... Answer:" prompt it stopped at once: empty answers).
 # - **The queries do not look anywhere.** On photos every query's map is nearly uniform
-#   (normalised entropy ~0.99) and all queries' maps are the same (similarity ~1.00): the
+#   (normalised entropy ~0.98) and all queries' maps are the same (similarity ~1.00): the
 #   Q-Former hands the LLM what amounts to one mean-pooled EfficientNet feature, 16 times.
 #   On the shapes world, where the same recipe trained long enough, the queries split the
-#   image between them (similarity ~0.6) and concentrate (top-10% mass ~0.5).
+#   image between them (similarity ~0.63) and concentrate (top-10% mass ~0.54, uniform 0.10).
 # - **Retrieval is above chance, but weak**: ITC text -> image R@1 0.13 over 255 cliparts
 #   (chance 0.004), ITM re-ranking lowers it (its head learned little in 750 steps).
 # - **The encoder is not the bottleneck**: its ImageNet head names the cat and the cup.
