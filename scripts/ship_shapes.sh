@@ -16,9 +16,9 @@ export OMP_NUM_THREADS=1
 BL=".venv/bin/blip2lab"
 PY=".venv/bin/python"
 SET=(stage1_steps=1200 stage2_steps=3000 stage1_siblings=true)
-# OPT's stage 2 runs twice as long: at 3,000 steps its soft prompt did not yet carry sizes
-# (VQA size 0.34; at 6,000: 0.75, caption object F1 0.77 -> 0.85).
-OPT_SET=(stage2_steps=6000)
+# Both LLMs' stage 2 runs twice as long: at 3,000 steps OPT's soft prompt did not yet carry
+# sizes (VQA size 0.34; at 6,000: 0.75, caption object F1 0.77 -> 0.85); T5 likewise (see README).
+LLM_SET=(stage2_steps=6000)
 PRESET=(--preset default --set "${SET[@]}")
 mkdir -p runs/shapes
 STEP=${1:-all}
@@ -26,8 +26,8 @@ if [[ "$STEP" == "all" ]]; then
   $BL shapes train stage1 "${PRESET[@]}" --out runs/shapes/stage1 --quiet
 fi
 if [[ "$STEP" != "eval" ]]; then
-$BL shapes train stage2 --llm opt --stage1 runs/shapes/stage1 "${PRESET[@]}" "${OPT_SET[@]}" --out runs/shapes/opt --quiet &
-$BL shapes train stage2 --llm t5 --stage1 runs/shapes/stage1 "${PRESET[@]}" --out runs/shapes/t5 --quiet &
+$BL shapes train stage2 --llm opt --stage1 runs/shapes/stage1 "${PRESET[@]}" "${LLM_SET[@]}" --out runs/shapes/opt --quiet &
+$BL shapes train stage2 --llm t5 --stage1 runs/shapes/stage1 "${PRESET[@]}" "${LLM_SET[@]}" --out runs/shapes/t5 --quiet &
 $BL shapes train stage2 --llm opt --stage1 runs/shapes/stage1 "${PRESET[@]}" stage2_vqa_fraction=0 \
   --out runs/shapes/opt-captions --quiet &
 wait
@@ -62,16 +62,16 @@ done
 $BL shapes eval vqa --model runs/shapes/opt-captions "${PRESET[@]}" --quiet > runs/shapes/opt-captions/eval.json
 wait
 
-$PY - "${SET[@]}" --opt "${OPT_SET[@]}" <<'PY'
+$PY - "${SET[@]}" --llm "${LLM_SET[@]}" <<'PY'
 import json, platform, sys
 from dataclasses import asdict
 from pathlib import Path
 import torch, transformers
 from blip2lab.recipes.shapes import preset_with
-sets, opt_sets = sys.argv[1:sys.argv.index("--opt")], sys.argv[sys.argv.index("--opt") + 1:]
+sets, llm_sets = sys.argv[1:sys.argv.index("--llm")], sys.argv[sys.argv.index("--llm") + 1:]
 stage1 = json.loads(Path("runs/shapes/stage1/timing.json").read_text())
 for run, name in (("stage1", "shapes-stage1"), ("opt", "shapes-opt"), ("t5", "shapes-t5")):
-    preset = asdict(preset_with("default", sets + (opt_sets if run == "opt" else [])))
+    preset = asdict(preset_with("default", sets + (llm_sets if run in ("opt", "t5") else [])))
     timing = {"stage1": stage1} | ({} if run == "stage1" else
                                    {"stage2": json.loads((Path("runs/shapes") / run / "timing.json").read_text())})
     recipe = {"command": "bash scripts/ship_shapes.sh", "seed": 0, "threads": 1, "preset": preset, "timing": timing,
