@@ -42,7 +42,7 @@ def test_shipped_figures_hold_their_floor_and_retrieval_is_stage1():
     retrieval with the linked stage-1 model, so their figures are its figures."""
     stage1 = json.loads((MODELS_DIR / "shapes-stage1" / "eval.json").read_text())["retrieval"]
     assert stage1["itc/img_r1"] >= 0.80 and stage1["itc/img_r5"] >= 0.99  # the issue's target, and below it
-    for name, f1_floor, vqa_floor, count_floor in (("shapes-opt", 0.80, 0.70, 0.90), ("shapes-t5", 0.50, 0.58, 0.65)):
+    for name, f1_floor, vqa_floor, count_floor in (("shapes-opt", 0.80, 0.70, 0.90), ("shapes-t5", 0.65, 0.65, 0.90)):
         ev = json.loads((MODELS_DIR / name / "eval.json").read_text())
         assert ev["caption/seen"]["f1"] >= f1_floor, (name, ev["caption/seen"]["f1"])
         assert ev["vqa/seen"]["accuracy"] >= vqa_floor and ev["vqa/seen"]["accuracy/count"] >= count_floor
