@@ -230,6 +230,10 @@ def test_presets_and_overrides():
         R.preset_with("tiny", ["no_such_field=1"])
     default = R.PRESETS["default"]
     assert default.limit is None and default.n_train is None and default.shipped_dtype == "float16"
+    # the visual tokens' tap: the 7x7 head map by default, the 14x14 x 112 stage on request
+    assert R.config_for(default, llm=False).vision.width == 1280
+    stage = R.config_for(R.preset_with("default", ["image_layer=-4"]), llm=True)
+    assert (stage.vision.layer_index, stage.vision.width) == (-4, 112) and stage.llm.chat_template
 
 
 def test_cli_trains_stage2_from_a_stage1_folder(built, tmp_path, capsys):

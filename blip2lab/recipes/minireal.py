@@ -94,6 +94,9 @@ class MiniRealPreset:
     crops: int = 2  # K cached augmented views per training image
     crop_scale: tuple[float, float] = (0.64, 1.0)  # RandomResizedCrop area (the paper: 0.5-1.0)
     num_queries: int = 16  # Q (the paper: 32)
+    # EfficientNet feature tap for the visual tokens (backbones/minireal.EFFICIENTNET_TAPS):
+    # -1 the 7x7 x 1280 head map (50 tokens), -4 the 14x14 x 112 stage (197 tokens).
+    image_layer: int = -1
     stage1_steps: int = 750
     stage1_batch: int = 32
     stage1_lr: float = 2e-4
@@ -158,7 +161,7 @@ def preset_with(name: str, overrides: Sequence[str]) -> MiniRealPreset:
 
 def config_for(preset: MiniRealPreset, llm: bool) -> Blip2Config:
     """mini-real's config: stage 1 without the LLM, stage 2 with SmolLM2; word embeddings frozen."""
-    return mr.minireal_config(llm=llm, num_queries=preset.num_queries)
+    return mr.minireal_config(llm=llm, num_queries=preset.num_queries, layer_index=preset.image_layer)
 
 
 def processor_for(config: Blip2Config) -> Blip2Processor:
