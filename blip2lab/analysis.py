@@ -10,6 +10,7 @@ shared rather than pasted into cells.
   Grad-CAM (`blip2lab.explain`) land on the object a text names.
 - `map_spread`: how spread out the queries' cross-attention is and how much the queries
   differ, on any image (no boxes needed: mini-real's photos against the shapes scenes).
+- `query_collapse`: how alike the Q-Former's queries are, layer by layer, on one image.
 - `image_neighbours`: nearest-neighbour image retrieval with the frozen tower alone.
 
 Shape legend: g patch grid side, Q queries, N image tokens (1 + g*g), D_v image width.
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from .data import shapes as world
 
 __all__ = ["parameter_counts", "trace_shapes", "box_cover", "mass_in_box", "localisation", "summarise_localisation",
-           "map_spread", "image_neighbours", "shared_attributes", "altered_scene"]
+           "map_spread", "query_collapse", "image_neighbours", "shared_attributes", "altered_scene"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,6 +226,30 @@ def map_spread(maps) -> dict[str, float]:
     cos = unit @ unit.T  # (Q, Q)
     off = (cos.sum() - cos.diagonal().sum()) / max(1, Q * (Q - 1))
     return {"entropy": float(entropy.mean()), "top10_mass": float(top.mean()), "query_similarity": float(off)}
+
+
+def _mean_offdiag_cosine(x: Tensor) -> float:
+    """x (Q, D) -> the mean cosine between two different rows."""
+    u = x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = u @ u.T  # (Q, Q)
+    Q = x.shape[0]
+    return float((cos.sum() - cos.diagonal().sum()) / max(1, Q * (Q - 1)))
+
+
+@torch.no_grad()
+def query_collapse(qformer: nn.Module, image: Tensor) -> dict[str, Any]:
+    """How alike the queries are on one image (B = 1; `image` (1, N, D_v) after ln_vision):
+    `inputs` the mean cosine between two queries' embeddings after the embedding LayerNorm,
+    `self_attention` per layer the cosine between two queries' self-attention rows (heads
+    averaged; 1: every query reads the other queries alike), `outputs` between two query
+    outputs (1: the LLM is shown one vector Q times)."""
+    if image.shape[0] != 1:
+        raise ValueError(f"one image at a time, got a batch of {image.shape[0]}")
+    inputs = qformer.embed(None, 1, True)[0]  # (Q, D_q)
+    out = qformer.encode_queries(image, output_attentions=True)
+    rows = [a[0].mean(0) for a in out.self_attentions]  # per layer (Q, Q)
+    return {"inputs": _mean_offdiag_cosine(inputs), "self_attention": [_mean_offdiag_cosine(r) for r in rows],
+            "outputs": _mean_offdiag_cosine(out.hidden[0])}
 
 
 # ---------------------------------------------------------------------------------------

@@ -234,6 +234,31 @@ for k, v in spread.items():
 RESULTS["map_spread"] = spread
 
 # %% [markdown]
+# Why all the maps are the same: `analysis.query_collapse` follows the queries through the
+# Q-Former on one image: how alike their input embeddings are, their self-attention rows
+# layer by layer, and their outputs (cosine between two queries; 1 = identical). Beside the
+# two trained models, mini-real's Q-Former before any training (MiniLM's weights, fresh
+# cross-attention and queries), and the same Q-Former with random self-attention and FFN.
+
+# %%
+torch.manual_seed(0)
+fresh_config = recipe.config_for(recipe.PRESETS["default"], llm=False)
+fresh = Blip2(fresh_config).eval()
+fresh_config.qformer.init_from = None  # the same shapes, every Q-Former weight random
+random_init = Blip2(fresh_config).eval()
+photo, scene_image = PHOTOS[names[0]], world.render(scenes[0])
+pixels, scene_pixels = pipe.processor.images([photo]), shapes.processor.images([scene_image])
+collapse = {name: analysis.query_collapse(model.qformer, model.encode_image(x)) for name, model, x in (
+    ("mini-real, trained (photo)", pipe.model, pixels),
+    ("mini-real, MiniLM init, untrained (photo)", fresh, pixels),
+    ("same shape, random init (photo)", random_init, pixels),
+    ("shapes-opt, trained (scene)", shapes.model, scene_pixels))}
+for k, v in collapse.items():
+    layers = " ".join(f"{x:.2f}" for x in v["self_attention"])
+    print(f"{k:44s} inputs {v['inputs']:+.2f}  self-attention rows by layer [{layers}]  outputs {v['outputs']:.2f}")
+RESULTS["query_collapse"] = collapse
+
+# %% [markdown]
 # ## 5 · Where it fails, and why
 #
 # - **Captions do not name photos.** The LLM learned to say clipart titles, a narrow and odd
@@ -247,6 +272,9 @@ RESULTS["map_spread"] = spread
 # - **The queries do not look anywhere.** On photos every query's map is nearly uniform
 #   (normalised entropy ~0.98) and all queries' maps are the same (similarity ~1.00): the
 #   Q-Former hands the LLM what amounts to one mean-pooled EfficientNet feature, 16 times.
+#   `query_collapse` shows where: the queries enter distinct (cosine ~0), MiniLM's
+#   self-attention already makes their outputs alike before any training (0.84; a random
+#   Q-Former of the same shape: 0.10), and training finishes the job (1.00 by layer 4).
 #   On the shapes world, where the same recipe trained long enough, the queries split the
 #   image between them (similarity ~0.63) and concentrate (top-10% mass ~0.54, uniform 0.10).
 # - **Retrieval is above chance, but weak**: ITC text -> image R@1 0.13 over 255 cliparts

@@ -59,6 +59,22 @@ def test_map_spread_tells_uniform_from_focused_maps():
     assert focused["query_similarity"] == pytest.approx(0.0)
 
 
+def test_query_collapse_measures_how_alike_the_queries_are():
+    torch.manual_seed(0)
+    model = Blip2(tiny_config()).eval()
+    image = model.encode_image(torch.randn(1, 3, model.config.vision.image_size, model.config.vision.image_size))
+    out = analysis.query_collapse(model.qformer, image)
+    assert len(out["self_attention"]) == model.config.qformer.num_layers
+    assert all(-1 <= v <= 1 for v in [out["inputs"], out["outputs"], *out["self_attention"]])
+    with torch.no_grad():  # every query the same vector: identical rows and outputs
+        model.qformer.query_tokens.copy_(model.qformer.query_tokens[:, :1].expand_as(model.qformer.query_tokens))
+    same = analysis.query_collapse(model.qformer, image)
+    assert same["inputs"] == pytest.approx(1.0) and same["outputs"] == pytest.approx(1.0)
+    assert same["self_attention"] == pytest.approx([1.0] * model.config.qformer.num_layers)
+    with pytest.raises(ValueError, match="one image"):
+        analysis.query_collapse(model.qformer, image.expand(2, -1, -1))
+
+
 def test_parameter_counts_add_up_and_know_what_is_frozen():
     model = Blip2(tiny_config())
     counts = analysis.parameter_counts(model)
