@@ -18,12 +18,14 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_p90, sample_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets" / "examples"
@@ -37,14 +39,8 @@ def free_port() -> int:
 
 
 def timed(fn, repeats: int) -> dict:
-    fn()  # warm-up, not counted
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return {"median_s": statistics.median(times), "p90_s": times[int(0.9 * (len(times) - 1))], "n": repeats}
+    """One untimed warm-up call, then the median and p90 of `repeats` calls."""
+    return median_p90(sample_seconds(fn, repeats, warmup=1))
 
 
 def handler_latency(args) -> dict:

@@ -7,7 +7,8 @@ import time
 from typing import Callable
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+def sample_seconds(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> list[float]:
+    """`warmup` untimed calls, then the wall-clock seconds of `repeats` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -15,7 +16,17 @@ def median_seconds(fn: Callable[[], object], repeats: int = 10, warmup: int = 2)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+    return statistics.median(sample_seconds(fn, repeats, warmup))
+
+
+def median_p90(times: list[float]) -> dict:
+    """{"median_s", "p90_s", "n"} of a list of seconds (p90: the nearest rank below)."""
+    times = sorted(times)
+    return {"median_s": statistics.median(times), "p90_s": times[int(0.9 * (len(times) - 1))], "n": len(times)}
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2) -> dict[str, float]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,24 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians  # noqa: E402
+from common import interleaved_medians, median_p90, sample_seconds  # noqa: E402
 
 QUESTION = "What is in the picture?"
-
-
-def wall(fn, repeats: int) -> list[float]:
-    fn()  # warm-up (the decoder's buffers, the allocator), not counted
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def summary(times: list[float]) -> dict:
-    times = sorted(times)
-    return {"median_s": statistics.median(times), "p90_s": times[int(0.9 * (len(times) - 1))], "n": len(times)}
 
 
 def main() -> None:
@@ -61,7 +45,6 @@ def main() -> None:
     import blip2lab
     from blip2lab.data.photos import load_photos
     from blip2lab.generation import DecodingConfig
-    from blip2lab.pipeline import VQA_DECODING, decoding_config
 
     start = time.perf_counter()
     pipe = blip2lab.load(args.model)
@@ -75,12 +58,13 @@ def main() -> None:
     with torch.inference_mode():
         image_side, caption, chat = [], [], []
         for photo in photos.values():
-            image_side += wall(lambda: model.query_outputs(pipe._image(photo)), args.repeats)
-            caption += wall(lambda: pipe.caption(photo), args.repeats)
-            chat += wall(lambda: pipe.answer(photo, QUESTION), args.repeats)
-        result["image_side"] = summary(image_side)
-        result["caption"] = summary(caption)
-        result["chat_turn"] = summary(chat)
+            # one untimed call each first: the decoder's buffers, the allocator
+            image_side += sample_seconds(lambda: model.query_outputs(pipe._image(photo)), args.repeats, warmup=1)
+            caption += sample_seconds(lambda: pipe.caption(photo), args.repeats, warmup=1)
+            chat += sample_seconds(lambda: pipe.answer(photo, QUESTION), args.repeats, warmup=1)
+        result["image_side"] = median_p90(image_side)
+        result["caption"] = median_p90(caption)
+        result["chat_turn"] = median_p90(chat)
         one = next(iter(photos.values()))
         result["example"] = {"caption": pipe.caption(one)[0], "answer": pipe.answer(one, QUESTION)[0]}
 

@@ -204,6 +204,14 @@ def summarise_localisation(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _mean_offdiag_cosine(x: Tensor) -> float:
+    """x (Q, D) -> the mean cosine between two different rows."""
+    u = x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = u @ u.T  # (Q, Q)
+    Q = x.shape[0]
+    return float((cos.sum() - cos.diagonal().sum()) / max(1, Q * (Q - 1)))
+
+
 def map_spread(maps) -> dict[str, float]:
     """Three numbers for one image's `explain.CrossAttentionMaps`, each query's map taken
     over the patches only, renormalised (the [CLS] share left out), every cross-attention
@@ -222,18 +230,8 @@ def map_spread(maps) -> dict[str, float]:
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / np.log(P)  # (Q,)
     k = max(1, int(round(0.1 * P)))
     top = p.topk(k, dim=-1).values.sum(-1)  # (Q,)
-    unit = p / p.norm(dim=-1, keepdim=True)
-    cos = unit @ unit.T  # (Q, Q)
-    off = (cos.sum() - cos.diagonal().sum()) / max(1, Q * (Q - 1))
-    return {"entropy": float(entropy.mean()), "top10_mass": float(top.mean()), "query_similarity": float(off)}
-
-
-def _mean_offdiag_cosine(x: Tensor) -> float:
-    """x (Q, D) -> the mean cosine between two different rows."""
-    u = x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    cos = u @ u.T  # (Q, Q)
-    Q = x.shape[0]
-    return float((cos.sum() - cos.diagonal().sum()) / max(1, Q * (Q - 1)))
+    return {"entropy": float(entropy.mean()), "top10_mass": float(top.mean()),
+            "query_similarity": _mean_offdiag_cosine(p)}
 
 
 @torch.no_grad()
