@@ -45,6 +45,7 @@ else:
                                     "stage2_batch=32", "warmup=30"]
     SEEDS, EVAL_AT, N_EVAL = (0, 1, 2), (40, 80, 160, 240), 30
 KINDS = ("opt", "t5")
+WORKERS = 2  # trainings side by side, one process of one torch thread each: a 2-core laptop runs two at once
 VQA_FRACTION = None  # None: the preset's (0.5); 0: the paper's captions-only stage 2
 
 # %%
@@ -72,7 +73,7 @@ print(preset)
 # Each line below is one stage-2 run: its last evaluation and its training time.
 
 # %%
-rows = ablations.figure5(OUT, preset, seeds=SEEDS, kinds=KINDS, eval_at=EVAL_AT, n_eval=N_EVAL)
+rows = ablations.figure5(OUT, preset, seeds=SEEDS, kinds=KINDS, eval_at=EVAL_AT, n_eval=N_EVAL, workers=WORKERS)
 print(f"{len(rows)} rows -> {OUT / 'figure5.csv'}")
 
 # %% [markdown]

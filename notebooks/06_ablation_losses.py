@@ -43,6 +43,7 @@ else:
     PRESET, OVERRIDES = "default", ["n_train=5000", "stage1_steps=250", "stage1_batch=32", "warmup=30",
                                     "gallery=500", "k_test=16"]
     SEEDS = (0, 1, 2)
+WORKERS = 2  # trainings side by side, one process of one torch thread each: a 2-core laptop runs two at once
 
 # %%
 import json
@@ -63,7 +64,7 @@ preset = recipe.preset_with(PRESET, OVERRIDES)
 print(preset)
 
 # %%
-rows = ablations.table6(OUT, preset, seeds=SEEDS)
+rows = ablations.table6(OUT, preset, seeds=SEEDS, workers=WORKERS)
 
 # %% [markdown]
 # ## The table

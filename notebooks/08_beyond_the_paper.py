@@ -48,6 +48,7 @@ else:
     QUERY_COUNTS, ENCODER_STEPS, PROBE_SCENES = (1, 4, 8, 32), (0, 40), (1000, 300)
     LLM_STEPS, LLM_KWARGS, QA_SCENES = 600, {"n_scenes": 30_000}, 60
 SEED = 0
+WORKERS = 2  # trainings side by side, one process of one torch thread each: a 2-core laptop runs two at once
 
 # %%
 import json
@@ -86,7 +87,7 @@ def table(rows, columns):
 
 # %%
 t0 = time.perf_counter()
-q_rows = ablations.queries(OUT, preset, counts=QUERY_COUNTS, seed=SEED, verbose=False)
+q_rows = ablations.queries(OUT, preset, counts=QUERY_COUNTS, seed=SEED, workers=WORKERS, verbose=False)
 TIMES["queries"] = round(time.perf_counter() - t0, 1)
 table(q_rows, ["num_queries", "itc/txt_r1", "itm/txt_r1", "itm/img_r1", "caption_f1/seen", "vqa/seen",
                "vqa/novel"])
@@ -118,7 +119,7 @@ plt.show()
 # %%
 t0 = time.perf_counter()
 e_rows = ablations.encoders(OUT, preset, WORK, pretrain_steps=ENCODER_STEPS, seed=SEED, probe_scenes=PROBE_SCENES,
-                            verbose=False)
+                            workers=WORKERS, verbose=False)
 TIMES["encoders"] = round(time.perf_counter() - t0, 1)
 table(e_rows, ["encoder", "probe_object", "itm/txt_r1", "itm/img_r1", "caption_f1/seen", "vqa/seen"])
 
@@ -143,7 +144,7 @@ plt.show()
 # %%
 t0 = time.perf_counter()
 l_rows = ablations.llm_size(OUT, preset, WORK, pretrain_steps=LLM_STEPS, seed=SEED, qa_scenes=QA_SCENES,
-                            pretrain_kwargs=LLM_KWARGS, verbose=False)
+                            pretrain_kwargs=LLM_KWARGS, workers=WORKERS, verbose=False)
 TIMES["llm_size"] = round(time.perf_counter() - t0, 1)
 table(l_rows, ["llm", "llm_params", "in_context_qa", "caption_f1", "vqa"])
 

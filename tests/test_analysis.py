@@ -149,6 +149,33 @@ def test_ablation_runners_write_their_rows(stage1_run, tmp_path):
     assert all(0.0 <= r["itc/txt_r1"] <= 1.0 for r in rows)
 
 
+def _untimed(rows):
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+
+def test_two_workers_give_the_rows_of_one_process(stage1_run, tmp_path):
+    """The sweeps' jobs in two spawned processes: the same rows (timings aside) as in this one."""
+    kw = dict(seeds=(0, 1), verbose=False)
+    fig_one = A.figure5(tmp_path / "one", MICRO, kinds=("opt",), eval_at=(2,), n_eval=2, **kw)
+    fig_two = A.figure5(tmp_path / "two", MICRO, kinds=("opt",), eval_at=(2,), n_eval=2, workers=2, **kw)
+    assert _untimed(fig_two) == _untimed(fig_one) and len(fig_one) == 4
+    saved = json.loads((tmp_path / "two" / "figure5.json").read_text())
+    assert saved["workers"] == 2 and [t["seed"] for t in saved["timings"]] == [0, 0, 0, 1, 1, 1]
+    sets = {"ITC": ("itc",), "ITC+ITM": ("itc", "itm")}
+    tab_one = A.table6(tmp_path / "one", MICRO, loss_sets=sets, **kw)
+    tab_two = A.table6(tmp_path / "two", MICRO, loss_sets=sets, workers=2, **kw)
+    assert _untimed(tab_two) == _untimed(tab_one)
+    assert [(r["losses"], r["seed"]) for r in tab_two] == [("ITC", 0), ("ITC", 1), ("ITC+ITM", 0), ("ITC+ITM", 1)]
+
+
+def test_trained_weights_start_stage2_like_the_run(stage1_run):
+    sent = A.Trained.of(stage1_run)
+    assert not any(k.startswith("image_encoder.") for k in sent.state_dict())
+    a, _ = A.stage2_model(MICRO, "opt", stage1_run, seed=0)
+    b, _ = A.stage2_model(MICRO, "opt", sent, seed=0)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
 def test_stage2_from_stage1_keeps_the_stage1_qformer(stage1_run):
     model, _ = A.stage2_model(MICRO, "opt", stage1_run, seed=0)
     ours, theirs = model.state_dict(), stage1_run.pipe.model.state_dict()

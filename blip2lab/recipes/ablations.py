@@ -25,6 +25,13 @@ seed, backbones) is reused by the next (the queries sweep's 8-query model is the
 sweep's shipped-tower model). Every new parameter is drawn after
 `torch.manual_seed(seed)`; the evaluation scenes are the same for every seed (`eval_seed`),
 so the spread across seeds is the spread of training alone.
+
+`workers=N` runs a sweep's independent trainings (seeds, arms, settings) in N spawned
+processes of one torch thread each: these models are too small for one process to use a
+second core (a 128-wide matmul gains little from intra-op threads), so on a 2-core laptop two
+workers take about half the time. Every job seeds itself, so the rows are the same as with
+`workers=1` (checked by the tests); only the timings differ. A stage-2 job that starts from a
+stage-1 model receives that model's weights (`Trained`), not the process-local run.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ import argparse
 import csv
 import json
 import math
+import multiprocessing
 import random
 import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -47,7 +57,7 @@ from ..pipeline import Blip2Pipeline
 from ..train import BatchStream, train
 from . import shapes as R
 
-__all__ = ["Run", "train_features", "run_stage1", "stage2_model", "run_stage2", "quick_eval", "retrieval",
+__all__ = ["Run", "Trained", "train_features", "run_stage1", "stage2_model", "run_stage2", "quick_eval", "retrieval",
            "figure5", "table6", "queries", "encoders", "llm_size", "mean_sd", "write_rows", "SWEEPS"]
 
 
@@ -62,6 +72,64 @@ class Run:
     key: str = ""  # what was trained (preset, seed, backbones, start): runs with equal keys are reused
 
 
+@dataclass
+class Trained:
+    """What a worker process sends back of a trained stage-1 run: its weights without the
+    frozen image encoder (safetensors bytes: a few MB, pickled as one buffer), so that a
+    stage-2 job in another process starts from exactly that Q-Former."""
+
+    key: str
+    seconds: float
+    history: list[dict]
+    weights: bytes
+
+    @classmethod
+    def of(cls, run: Run) -> "Trained":
+        from safetensors.torch import save
+
+        state = {k: v.contiguous() for k, v in run.pipe.model.state_dict().items() if not k.startswith("image_encoder.")}
+        return cls(run.key, run.seconds, run.history, save(state))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        return load(self.weights)
+
+
+# ---------------------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------------------
+
+
+class _Here(Executor):
+    """`workers=1`: each job runs at once, in this process, through the same job functions."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # the caller's .result() raises it, as a pool's would
+            future.set_exception(e)
+        return future
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@contextmanager
+def _jobs(workers: int):
+    """An executor for a sweep's jobs: this process (workers <= 1), or `workers` spawned
+    processes of one torch thread each (spawn, not fork: a forked copy of a process that
+    already ran torch's thread pools can hang). Worker processes keep their own feature and
+    run caches for as long as the sweep lasts."""
+    if workers <= 1:
+        yield _Here()
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as ex:
+        yield ex
+
+
 # ---------------------------------------------------------------------------------------
 # Training pieces
 # ---------------------------------------------------------------------------------------
@@ -71,7 +139,7 @@ _RUNS: dict[str, Run] = {}  # trained runs of this process by key: sweeps that n
 
 
 def _run_key(stage: str, preset: R.ShapesPreset, seed: int, backbones: Path, parts: Sequence[str],
-             start: Optional[Run] = None) -> str:
+             start: Optional[Run | Trained] = None) -> str:
     towers = {p: str((Path(backbones) / p).resolve()) for p in parts}
     return json.dumps([stage, asdict(preset), seed, towers, start.key if start is not None else None], sort_keys=True)
 
@@ -134,20 +202,22 @@ def run_stage1(preset: R.ShapesPreset, seed: int = 0, backbones: Path = R.BACKBO
     return run
 
 
-def stage2_model(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run], seed: int = 0,
+def stage2_model(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run | Trained], seed: int = 0,
                  backbones: Path = R.BACKBONES) -> tuple[Blip2, object]:
     """(model, processor) as stage 2 starts: the frozen LLM, a fresh LLM projection, and the
-    Q-Former, ln_vision and heads of `stage1` (or of BERT when None)."""
+    Q-Former, ln_vision and heads of `stage1` (a run of this process or the weights another
+    process sent; None: BERT's)."""
     model, processor = _build(kind, preset, seed, backbones)
     if stage1 is not None:
-        state = {k: v for k, v in stage1.pipe.model.state_dict().items() if not k.startswith("image_encoder.")}
+        state = stage1.state_dict() if isinstance(stage1, Trained) else stage1.pipe.model.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not (k.startswith("llm.") or k.startswith("image_encoder.")) for k in missing):
             raise RuntimeError(f"stage-1 model does not fit: unexpected {unexpected}, missing {missing}")
     return model.eval(), processor
 
 
-def run_stage2(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run], seed: int = 0,
+def run_stage2(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run | Trained], seed: int = 0,
                backbones: Path = R.BACKBONES, eval_at: Sequence[int] = (),
                eval_fn: Optional[Callable[[Blip2Pipeline], dict]] = None, progress: bool = False) -> Run:
     """Stage 2 on one LLM family, starting from `stage1`'s Q-Former, ln_vision and heads, or
@@ -236,9 +306,10 @@ def write_rows(out_dir: str | Path, name: str, rows: list[dict], meta: dict) -> 
     return out / f"{name}.json"
 
 
-def _meta(name: str, preset: R.ShapesPreset, start: float, **extra) -> dict:
+def _meta(name: str, preset: R.ShapesPreset, start: float, workers: int, **extra) -> dict:
     return {"sweep": name, "preset": asdict(preset), "seconds": round(time.perf_counter() - start, 1),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, **extra}
+            "threads": 1 if workers > 1 else torch.get_num_threads(), "workers": max(1, workers),
+            "torch": torch.__version__, **extra}
 
 
 def _log(verbose: bool, *parts) -> None:
@@ -249,62 +320,92 @@ def _log(verbose: bool, *parts) -> None:
 # ---------------------------------------------------------------------------------------
 # The sweeps
 # ---------------------------------------------------------------------------------------
+# Each sweep submits one job per independent training to `_jobs(workers)`; a job is a plain
+# module-level function (a spawned worker imports it) that returns rows, never a model.
+
+
+def _stage1_job(preset: R.ShapesPreset, seed: int, backbones: Path = R.BACKBONES) -> Trained:
+    return Trained.of(run_stage1(preset, seed, backbones))
+
+
+def _figure5_job(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Trained], seed: int,
+                 eval_at: Sequence[int], n_eval: int, eval_seed: int) -> tuple[list[dict], float]:
+    """One stage-2 curve of Figure 5: (rows at the `eval_at` steps, training seconds)."""
+    run = run_stage2(preset, kind, stage1, seed, eval_at=eval_at, eval_fn=quick_eval(n_eval, eval_seed))
+    lm = [h["lm_loss"] for h in run.history]
+    rows = []
+    for point in run.curve:
+        window = lm[max(0, point["step"] - 10):point["step"]]
+        rows.append({"seed": seed, "llm": kind, "stage1": stage1 is not None, **point,
+                     "lm_loss": sum(window) / len(window)})
+    return rows, run.seconds
 
 
 def figure5(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = (0, 1, 2),
             kinds: Sequence[R.LLMKind] = ("opt", "t5"), eval_at: Optional[Sequence[int]] = None,
-            n_eval: Optional[int] = None, eval_seed: int = 0, verbose: bool = True) -> list[dict]:
+            n_eval: Optional[int] = None, eval_seed: int = 0, workers: int = 1, verbose: bool = True) -> list[dict]:
     """The paper's Figure 5: for each seed, stage 1 once, then stage 2 on each LLM family
     from the stage-1 Q-Former and from the BERT-initialised one, the same stage-2 steps;
     caption object-F1 and VQA accuracy on seen test scenes at the `eval_at` stage-2 steps
-    (default: quarters of preset.stage2_steps). Rows: seed, llm, stage1, step, metrics."""
+    (default: quarters of preset.stage2_steps). Rows: seed, llm, stage1, step, metrics.
+    With workers > 1 a seed's four stage-2 runs start as soon as its stage 1 is done."""
     start = time.perf_counter()
-    eval_at = eval_at or [max(1, round(preset.stage2_steps * f)) for f in (0.25, 0.5, 0.75, 1.0)]
-    measure = quick_eval(n_eval or preset.n_eval, eval_seed)
-    rows, timings = [], []
-    for seed in seeds:
-        s1 = run_stage1(preset, seed)
-        timings.append({"seed": seed, "stage1_s": round(s1.seconds, 1)})
-        _log(verbose, f"seed {seed}: stage 1 in {s1.seconds:.0f} s")
-        for kind in kinds:
-            for with_stage1 in (True, False):
-                run = run_stage2(preset, kind, s1 if with_stage1 else None, seed, eval_at=eval_at, eval_fn=measure)
-                timings.append({"seed": seed, "llm": kind, "stage1": with_stage1, "stage2_s": round(run.seconds, 1)})
-                lm = [h["lm_loss"] for h in run.history]
-                for point in run.curve:
-                    window = lm[max(0, point["step"] - 10):point["step"]]
-                    rows.append({"seed": seed, "llm": kind, "stage1": with_stage1, **point,
-                                 "lm_loss": sum(window) / len(window)})
-                _log(verbose, f"seed {seed} {kind} stage1={with_stage1}: {run.curve[-1]} ({run.seconds:.0f} s)")
-    write_rows(out_dir, "figure5", rows, _meta("figure5", preset, start, seeds=list(seeds), kinds=list(kinds),
-                                               eval_at=list(eval_at), n_eval=n_eval or preset.n_eval,
-                                               eval_seed=eval_seed, timings=timings))
+    eval_at = list(eval_at or [max(1, round(preset.stage2_steps * f)) for f in (0.25, 0.5, 0.75, 1.0)])
+    n_eval = n_eval or preset.n_eval
+    arms = [(kind, with_stage1) for kind in kinds for with_stage1 in (True, False)]
+    curves: dict[tuple, Future] = {}
+    stage1_s: dict[int, float] = {}
+    with _jobs(workers) as jobs:
+        firsts = {jobs.submit(_stage1_job, preset, seed): seed for seed in seeds}
+        for done in as_completed(firsts):
+            seed, s1 = firsts[done], done.result()
+            stage1_s[seed] = round(s1.seconds, 1)
+            _log(verbose, f"seed {seed}: stage 1 in {s1.seconds:.0f} s")
+            for kind, with_stage1 in arms:
+                curves[seed, kind, with_stage1] = jobs.submit(_figure5_job, preset, kind, s1 if with_stage1 else None,
+                                                              seed, eval_at, n_eval, eval_seed)
+        rows, timings = [], []
+        for seed in seeds:  # rows in the order of a run on one process, whatever finished first
+            timings.append({"seed": seed, "stage1_s": stage1_s[seed]})
+            for kind, with_stage1 in arms:
+                curve, seconds = curves[seed, kind, with_stage1].result()
+                rows += curve
+                timings.append({"seed": seed, "llm": kind, "stage1": with_stage1, "stage2_s": round(seconds, 1)})
+                _log(verbose, f"seed {seed} {kind} stage1={with_stage1}: {curve[-1]} ({seconds:.0f} s)")
+    write_rows(out_dir, "figure5", rows, _meta("figure5", preset, start, workers, seeds=list(seeds), kinds=list(kinds),
+                                               eval_at=eval_at, n_eval=n_eval, eval_seed=eval_seed, timings=timings))
     return rows
 
 
 LOSS_SETS = {"ITC": ("itc",), "ITC+ITM": ("itc", "itm"), "ITC+ITM+ITG": ("itc", "itm", "itg")}
 
 
+def _table6_job(name: str, preset: R.ShapesPreset, seed: int, eval_seed: int) -> dict:
+    run = run_stage1(preset, seed)
+    rec = retrieval(run.pipe, preset.gallery, preset.k_test, eval_seed)
+    last = run.history[-20:]
+    final = {f"final_{k}": sum(h[k] for h in last) / len(last) for k in last[0] if k.endswith("_loss")}
+    return {"losses": name, "seed": seed, **rec, **final, "train_s": round(run.seconds, 1)}
+
+
 def table6(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = (0, 1, 2),
-           loss_sets: Optional[dict[str, tuple[str, ...]]] = None, eval_seed: int = 0,
+           loss_sets: Optional[dict[str, tuple[str, ...]]] = None, eval_seed: int = 0, workers: int = 1,
            verbose: bool = True) -> list[dict]:
     """The paper's Table 6 (and ITC alone): stage 1 with each loss set and seed, then
     retrieval recall on a gallery of `preset.gallery` test scenes, by ITC alone and ITM
     re-ranked (the ITM re-ranking of an ITC-only model uses its untrained ITM head: shown,
     but not meaningful). Rows: losses, seed, every recall."""
     start = time.perf_counter()
-    rows = []
-    for name, losses in (loss_sets or LOSS_SETS).items():
-        for seed in seeds:
-            run = run_stage1(replace(preset, stage1_losses=tuple(losses)), seed)
-            rec = retrieval(run.pipe, preset.gallery, preset.k_test, eval_seed)
-            last = run.history[-20:]
-            final = {f"final_{k}": sum(h[k] for h in last) / len(last) for k in last[0] if k.endswith("_loss")}
-            rows.append({"losses": name, "seed": seed, **rec, **final, "train_s": round(run.seconds, 1)})
-            _log(verbose, f"{name} seed {seed}: itc R@1 i2t {rec['itc/txt_r1']:.3f} t2i {rec['itc/img_r1']:.3f}, "
-                          f"itm R@1 i2t {rec['itm/txt_r1']:.3f} t2i {rec['itm/img_r1']:.3f} ({run.seconds:.0f} s)")
-    write_rows(out_dir, "table6", rows, _meta("table6", preset, start, seeds=list(seeds), eval_seed=eval_seed,
-                                              loss_sets={k: list(v) for k, v in (loss_sets or LOSS_SETS).items()}))
+    loss_sets = loss_sets or LOSS_SETS
+    with _jobs(workers) as jobs:
+        futures = [jobs.submit(_table6_job, name, replace(preset, stage1_losses=tuple(losses)), seed, eval_seed)
+                   for name, losses in loss_sets.items() for seed in seeds]
+        rows = [f.result() for f in futures]
+    for r in rows:
+        _log(verbose, f"{r['losses']} seed {r['seed']}: itc R@1 i2t {r['itc/txt_r1']:.3f} t2i {r['itc/img_r1']:.3f}, "
+                      f"itm R@1 i2t {r['itm/txt_r1']:.3f} t2i {r['itm/img_r1']:.3f} ({r['train_s']:.0f} s)")
+    write_rows(out_dir, "table6", rows, _meta("table6", preset, start, workers, seeds=list(seeds), eval_seed=eval_seed,
+                                              loss_sets={k: list(v) for k, v in loss_sets.items()}))
     return rows
 
 
@@ -315,23 +416,30 @@ def _full_eval(pipe: Blip2Pipeline, preset: R.ShapesPreset, n_eval: int, eval_se
             **{k: rec[k] for k in ("itc/txt_r1", "itc/img_r1", "itm/txt_r1", "itm/img_r1")}}
 
 
+def _both_stages_job(row: dict, preset: R.ShapesPreset, kind: R.LLMKind, seed: int, n_eval: int, eval_seed: int,
+                     backbones: Path = R.BACKBONES) -> dict:
+    """Stage 1 then stage 2 (`kind`) on `backbones`, evaluated by `_full_eval`: `row` + figures."""
+    s1 = run_stage1(preset, seed, backbones)
+    s2 = run_stage2(preset, kind, s1, seed, backbones)
+    return {**row, **_full_eval(s2.pipe, preset, n_eval, eval_seed),
+            "trainable_params": sum(x.numel() for x in s2.pipe.model.parameters() if x.requires_grad),
+            "stage1_s": round(s1.seconds, 1), "stage2_s": round(s2.seconds, 1)}
+
+
 def queries(out_dir: str | Path, preset: R.ShapesPreset, counts: Sequence[int] = (1, 4, 8, 32), seed: int = 0,
-            kind: R.LLMKind = "opt", n_eval: Optional[int] = None, eval_seed: int = 0,
+            kind: R.LLMKind = "opt", n_eval: Optional[int] = None, eval_seed: int = 0, workers: int = 1,
             verbose: bool = True) -> list[dict]:
     """Number of learned queries: stage 1 and stage 2 (`kind`) per count; retrieval recall,
     captions and VQA on seen and novel scenes. The paper fixes 32 (Sec. 3.1)."""
     start = time.perf_counter()
-    rows = []
-    for q in counts:
-        p = replace(preset, num_queries=q)
-        s1 = run_stage1(p, seed)
-        s2 = run_stage2(p, kind, s1, seed)
-        row = {"num_queries": q, **_full_eval(s2.pipe, p, n_eval or preset.n_eval, eval_seed),
-               "trainable_params": sum(x.numel() for x in s2.pipe.model.parameters() if x.requires_grad),
-               "stage1_s": round(s1.seconds, 1), "stage2_s": round(s2.seconds, 1)}
-        rows.append(row)
+    with _jobs(workers) as jobs:
+        futures = [jobs.submit(_both_stages_job, {"num_queries": q}, replace(preset, num_queries=q), kind, seed,
+                               n_eval or preset.n_eval, eval_seed) for q in sorted(counts, reverse=True)]
+        rows = sorted((f.result() for f in futures), key=lambda r: list(counts).index(r["num_queries"]))
+    for row in rows:
         _log(verbose, row)
-    write_rows(out_dir, "queries", rows, _meta("queries", preset, start, seed=seed, llm=kind, eval_seed=eval_seed))
+    write_rows(out_dir, "queries", rows, _meta("queries", preset, start, workers, seed=seed, llm=kind,
+                                               eval_seed=eval_seed))
     return rows
 
 
@@ -349,9 +457,18 @@ def _backbones_with(work: Path, name: str, **replacements: Path) -> Path:
     return folder
 
 
+def _encoder_job(label: str, vit: Path, backbones: Path, preset: R.ShapesPreset, seed: int, kind: R.LLMKind,
+                 n_eval: int, eval_seed: int, probe_scenes: tuple[int, int]) -> dict:
+    from ..backbones import vision as V
+
+    probe = V.linear_probe(V.load_shapes_vision(vit), n_train=probe_scenes[0], n_test=probe_scenes[1], seed=seed)
+    row = {"encoder": label, **{f"probe_{k}": probe["seen"][k] for k in ("shape", "color", "size", "object")}}
+    return _both_stages_job(row, preset, kind, seed, n_eval, eval_seed, backbones)
+
+
 def encoders(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, pretrain_steps: Sequence[int] = (0, 60),
              seed: int = 0, kind: R.LLMKind = "opt", n_eval: Optional[int] = None, eval_seed: int = 0,
-             probe_scenes: tuple[int, int] = (1000, 300), verbose: bool = True) -> list[dict]:
+             probe_scenes: tuple[int, int] = (1000, 300), workers: int = 1, verbose: bool = True) -> list[dict]:
     """A weaker frozen image encoder: the shipped tower (600 steps of scene parsing) against
     the same tower pretrained for each of `pretrain_steps` (0 = untrained, random weights),
     each gated by the linear probe, then stage 1 + stage 2 on top. Towers go to work_dir."""
@@ -360,7 +477,7 @@ def encoders(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, 
     start = time.perf_counter()
     work = Path(work_dir)
     towers: list[tuple[str, Path]] = []
-    for steps in pretrain_steps:
+    for steps in pretrain_steps:  # short pretrainings, here: the jobs below need them all
         folder = work / f"vit-{steps}-seed{seed}"
         if not (folder / "model.safetensors").is_file():
             if steps == 0:
@@ -370,19 +487,18 @@ def encoders(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, 
                 V.pretrain_vision(folder, steps=steps, seed=seed, probe=False, log_every=10**9)
         towers.append((f"{steps} steps", folder))
     towers.append(("600 steps (shipped)", R.BACKBONES / "vit"))
-    rows = []
-    for label, vit in towers:
-        backbones = R.BACKBONES if vit == R.BACKBONES / "vit" else _backbones_with(work, f"backbones-{vit.name}", vit=vit)
-        probe = V.linear_probe(V.load_shapes_vision(vit), n_train=probe_scenes[0], n_test=probe_scenes[1], seed=seed)
-        s1 = run_stage1(preset, seed, backbones)
-        s2 = run_stage2(preset, kind, s1, seed, backbones)
-        row = {"encoder": label, **{f"probe_{k}": probe["seen"][k] for k in ("shape", "color", "size", "object")},
-               **_full_eval(s2.pipe, preset, n_eval or preset.n_eval, eval_seed),
-               "stage1_s": round(s1.seconds, 1), "stage2_s": round(s2.seconds, 1)}
-        rows.append(row)
+    with _jobs(workers) as jobs:
+        futures = []
+        for label, vit in towers:
+            backbones = R.BACKBONES if vit == R.BACKBONES / "vit" else _backbones_with(work, f"backbones-{vit.name}",
+                                                                                       vit=vit)
+            futures.append(jobs.submit(_encoder_job, label, vit, backbones, preset, seed, kind,
+                                       n_eval or preset.n_eval, eval_seed, probe_scenes))
+        rows = [f.result() for f in futures]
+    for row in rows:
         _log(verbose, row)
-    write_rows(out_dir, "encoders", rows, _meta("encoders", preset, start, seed=seed, llm=kind, eval_seed=eval_seed,
-                                                pretrain_steps=list(pretrain_steps)))
+    write_rows(out_dir, "encoders", rows, _meta("encoders", preset, start, workers, seed=seed, llm=kind,
+                                                eval_seed=eval_seed, pretrain_steps=list(pretrain_steps)))
     return rows
 
 
@@ -390,44 +506,61 @@ SMALL_OPT = {"hidden_size": 64, "word_embed_proj_dim": 64, "ffn_dim": 256, "num_
              "num_attention_heads": 4}
 
 
+def _pretrain_opt_job(folder: Path, steps: int, seed: int, overrides: Optional[dict], extra: dict) -> None:
+    from ..backbones import text as T
+
+    T.pretrain_opt(folder, steps=steps, seed=seed, model_overrides=overrides or None, final_eval=False, **extra)
+
+
+def _llm_job(label: str, folder: Path, steps: int, backbones: Path, preset: R.ShapesPreset, stage1: Trained,
+             seed: int, n_eval: int, eval_seed: int, qa_scenes: int) -> dict:
+    """In-context QA of one frozen OPT from text alone, then stage 2 on it from `stage1`."""
+    from ..backbones import text as T
+
+    lm, tok, _ = T.load_text_backbone(folder)
+    qa = T.in_context_qa_accuracy(lm, tok, world.make_split("test", qa_scenes, eval_seed), layout="visual")
+    s2 = run_stage2(preset, "opt", stage1, seed, backbones)
+    return {"llm": label, "llm_params": sum(p.numel() for p in lm.parameters()), "pretrain_steps": steps,
+            "in_context_qa": qa["overall"], **quick_eval(n_eval, eval_seed)(s2.pipe), "stage2_s": round(s2.seconds, 1)}
+
+
 def llm_size(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, pretrain_steps: int = 1000,
              sizes: Optional[dict[str, Optional[dict]]] = None, seed: int = 0, n_eval: Optional[int] = None,
-             qa_scenes: int = 100, eval_seed: int = 0, pretrain_kwargs: Optional[dict] = None,
+             qa_scenes: int = 100, eval_seed: int = 0, pretrain_kwargs: Optional[dict] = None, workers: int = 1,
              verbose: bool = True) -> list[dict]:
     """LLM size: OPTs of each size in `sizes` (name -> `model_overrides` of `pretrain_opt`;
     default a half-width 2-layer one and the shipped shape) pretrained by the shipped recipe
     for `pretrain_steps`, plus the shipped OPT (5000 steps); each measured by in-context QA
     (the scene's caption in the text) before BLIP-2, then stage 2 from one stage-1 Q-Former.
-    `pretrain_kwargs`: more arguments of `pretrain_opt` (e.g. a smaller `n_scenes` corpus)."""
-    from ..backbones import text as T
-
+    `pretrain_kwargs`: more arguments of `pretrain_opt` (e.g. a smaller `n_scenes` corpus).
+    The pretrainings and the stage 1 run side by side, then the stage-2 runs."""
     start = time.perf_counter()
     work = Path(work_dir)
     sizes = sizes if sizes is not None else {"small (2x64)": SMALL_OPT, "shipped shape (4x128)": {}}
-    llms: list[tuple[str, Path, int]] = []
     extra = dict(pretrain_kwargs or {})
-    for name, overrides in sizes.items():
-        key = world.stable_seed(json.dumps([overrides or {}, pretrain_steps, seed, extra], sort_keys=True)) % 10**8
-        folder = work / f"opt-{pretrain_steps}-{key:08d}"  # one folder per (size, steps, seed, arguments)
-        if not (folder / "model.safetensors").is_file():
-            T.pretrain_opt(folder, steps=pretrain_steps, seed=seed, model_overrides=overrides or None,
-                           final_eval=False, **extra)
-        llms.append((f"{name}, {pretrain_steps} steps", folder, pretrain_steps))
-    llms.append(("shipped (4x128), 5000 steps", R.BACKBONES / "opt", 5000))
-    s1 = run_stage1(preset, seed)
-    qa_test = world.make_split("test", qa_scenes, eval_seed)
-    rows = []
-    for label, folder, steps in llms:
-        lm, tok, _ = T.load_text_backbone(folder)
-        qa = T.in_context_qa_accuracy(lm, tok, qa_test, layout="visual")
-        backbones = R.BACKBONES if folder == R.BACKBONES / "opt" else _backbones_with(work, f"backbones-{folder.name}",
-                                                                                       opt=folder)
-        s2 = run_stage2(preset, "opt", s1, seed, backbones)
-        q = quick_eval(n_eval or preset.n_eval, eval_seed)(s2.pipe)
-        rows.append({"llm": label, "llm_params": sum(p.numel() for p in lm.parameters()), "pretrain_steps": steps,
-                     "in_context_qa": qa["overall"], **q, "stage2_s": round(s2.seconds, 1)})
-        _log(verbose, rows[-1])
-    write_rows(out_dir, "llm_size", rows, _meta("llm_size", preset, start, seed=seed, eval_seed=eval_seed,
+    llms: list[tuple[str, Path, int]] = []
+    with _jobs(workers) as jobs:
+        pretrained = []
+        for name, overrides in sizes.items():
+            key = world.stable_seed(json.dumps([overrides or {}, pretrain_steps, seed, extra], sort_keys=True)) % 10**8
+            folder = work / f"opt-{pretrain_steps}-{key:08d}"  # one folder per (size, steps, seed, arguments)
+            if not (folder / "model.safetensors").is_file():
+                pretrained.append(jobs.submit(_pretrain_opt_job, folder, pretrain_steps, seed, overrides, extra))
+            llms.append((f"{name}, {pretrain_steps} steps", folder, pretrain_steps))
+        llms.append(("shipped (4x128), 5000 steps", R.BACKBONES / "opt", 5000))
+        s1 = jobs.submit(_stage1_job, preset, seed).result()
+        for f in pretrained:
+            f.result()
+        futures = []
+        for label, folder, steps in llms:
+            backbones = R.BACKBONES if folder == R.BACKBONES / "opt" else _backbones_with(work, f"backbones-{folder.name}",
+                                                                                           opt=folder)
+            futures.append(jobs.submit(_llm_job, label, folder, steps, backbones, preset, s1, seed,
+                                       n_eval or preset.n_eval, eval_seed, qa_scenes))
+        rows = [f.result() for f in futures]
+    for row in rows:
+        _log(verbose, row)
+    write_rows(out_dir, "llm_size", rows, _meta("llm_size", preset, start, workers, seed=seed, eval_seed=eval_seed,
                                                 pretrain_steps=pretrain_steps, qa_scenes=qa_scenes))
     return rows
 
@@ -443,17 +576,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="preset overrides")
     p.add_argument("--seeds", default="0,1,2", help="figure5 / table6")
     p.add_argument("--work", default="runs/ablations", help="encoders / llm_size: where new backbones go")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process (with --workers 1)")
+    p.add_argument("--workers", type=int, default=1, help="processes of one thread each for the sweep's jobs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     preset = R.preset_with(args.preset, args.set)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.sweep in ("figure5", "table6"):
-        SWEEPS[args.sweep](args.out, preset, seeds=seeds)
+        SWEEPS[args.sweep](args.out, preset, seeds=seeds, workers=args.workers)
     elif args.sweep == "queries":
-        queries(args.out, preset, seed=seeds[0])
+        queries(args.out, preset, seed=seeds[0], workers=args.workers)
     else:
-        SWEEPS[args.sweep](args.out, preset, args.work, seed=seeds[0])
+        SWEEPS[args.sweep](args.out, preset, args.work, seed=seeds[0], workers=args.workers)
 
 
 if __name__ == "__main__":
