@@ -157,15 +157,31 @@ def test_two_workers_give_the_rows_of_one_process(stage1_run, tmp_path):
     """The sweeps' jobs in two spawned processes: the same rows (timings aside) as in this one."""
     kw = dict(seeds=(0, 1), verbose=False)
     fig_one = A.figure5(tmp_path / "one", MICRO, kinds=("opt",), eval_at=(2,), n_eval=2, **kw)
+    A._RESULTS.clear()  # else the second sweep takes the first one's finished jobs
     fig_two = A.figure5(tmp_path / "two", MICRO, kinds=("opt",), eval_at=(2,), n_eval=2, workers=2, **kw)
     assert _untimed(fig_two) == _untimed(fig_one) and len(fig_one) == 4
     saved = json.loads((tmp_path / "two" / "figure5.json").read_text())
     assert saved["workers"] == 2 and [t["seed"] for t in saved["timings"]] == [0, 0, 0, 1, 1, 1]
     sets = {"ITC": ("itc",), "ITC+ITM": ("itc", "itm")}
     tab_one = A.table6(tmp_path / "one", MICRO, loss_sets=sets, **kw)
+    A._RESULTS.clear()
     tab_two = A.table6(tmp_path / "two", MICRO, loss_sets=sets, workers=2, **kw)
     assert _untimed(tab_two) == _untimed(tab_one)
     assert [(r["losses"], r["seed"]) for r in tab_two] == [("ITC", 0), ("ITC", 1), ("ITC+ITM", 0), ("ITC+ITM", 1)]
+
+
+def test_a_finished_job_is_not_run_again(tmp_path):
+    """The encoder sweep's shipped-tower model is the query sweep's 8-query model: taken, not retrained."""
+    A._RESULTS.clear()
+    q_rows = A.queries(tmp_path, MICRO, counts=(MICRO.num_queries,), verbose=False)
+    e_rows = A.encoders(tmp_path, MICRO, tmp_path / "work", pretrain_steps=(), probe_scenes=(40, 20), verbose=False)
+    assert len(e_rows) == 1 and e_rows[0]["encoder"] == "600 steps (shipped)"
+    assert {k: e_rows[0][k] for k in q_rows[0] if k != "num_queries"} == {k: v for k, v in q_rows[0].items()
+                                                                         if k != "num_queries"}
+    calls = []
+    done = A._submit(A._Here(), lambda *a: calls.append(a), 1)  # a new job runs...
+    again = A._submit(A._Here(), lambda *a: calls.append(a), 1)  # ...and the same one (same name, arguments) not
+    assert calls == [(1,)] and done.result() is again.result() is None
 
 
 def test_trained_weights_start_stage2_like_the_run(stage1_run):

@@ -31,7 +31,9 @@ processes of one torch thread each: these models are too small for one process t
 second core (a 128-wide matmul gains little from intra-op threads), so on a 2-core laptop two
 workers take about half the time. Every job seeds itself, so the rows are the same as with
 `workers=1` (checked by the tests); only the timings differ. A stage-2 job that starts from a
-stage-1 model receives that model's weights (`Trained`), not the process-local run.
+stage-1 model receives that model's weights (`Trained`), not the process-local run, and a job
+already done in this process (same function, same arguments) is not submitted again, which
+keeps the reuse above across sweeps when the trainings ran in workers.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class Run:
     key: str = ""  # what was trained (preset, seed, backbones, start): runs with equal keys are reused
 
 
-@dataclass
+@dataclass(repr=False)
 class Trained:
     """What a worker process sends back of a trained stage-1 run: its weights without the
     frozen image encoder (safetensors bytes: a few MB, pickled as one buffer), so that a
@@ -95,6 +97,9 @@ class Trained:
 
         return load(self.weights)
 
+    def __repr__(self) -> str:  # what was trained, not megabytes of weights (it keys `_submit`)
+        return f"Trained({self.key})"
+
 
 # ---------------------------------------------------------------------------------------
 # Worker processes
@@ -115,6 +120,25 @@ class _Here(Executor):
 
 def _one_thread() -> None:
     torch.set_num_threads(1)
+
+
+_RESULTS: dict[str, object] = {}  # finished jobs' results in this process, by job and arguments
+
+
+def _submit(jobs: Executor, fn: Callable, *args) -> Future:
+    """`jobs.submit(fn, *args)`, or the result of the same job already done in this process:
+    a later sweep that needs an earlier one's training takes its result (the encoder sweep's
+    shipped tower is the query sweep's 8-query model), as `run_stage1` reuses runs in one
+    process. Jobs are deterministic given their arguments, whose reprs name everything
+    they depend on (presets, seeds, folders, `Trained.key`)."""
+    key = repr((fn.__qualname__, args))
+    if key in _RESULTS:
+        done: Future = Future()
+        done.set_result(_RESULTS[key])
+        return done
+    future = jobs.submit(fn, *args)
+    future.add_done_callback(lambda f: f.exception() is None and _RESULTS.setdefault(key, f.result()))
+    return future
 
 
 @contextmanager
@@ -229,7 +253,7 @@ def run_stage2(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run | T
     model, processor = stage2_model(preset, kind, stage1, seed, backbones)
     scenes, feats = train_features(preset, seed, backbones)
     data = BatchStream(R.Stage2Data(feats, scenes, preset.stage2_vqa_fraction, seed), preset.stage2_batch,
-                       R.stage2_collate(processor), seed=seed)
+                       R.stage2_collate(processor, model.config.qformer_question), seed=seed)
     run = _fit(model, processor, data, 2, preset, seed, eval_at, eval_fn, progress)
     run.key = key
     if eval_fn is None:
@@ -324,7 +348,7 @@ def _log(verbose: bool, *parts) -> None:
 # module-level function (a spawned worker imports it) that returns rows, never a model.
 
 
-def _stage1_job(preset: R.ShapesPreset, seed: int, backbones: Path = R.BACKBONES) -> Trained:
+def _stage1_job(preset: R.ShapesPreset, seed: int, backbones: Path) -> Trained:
     return Trained.of(run_stage1(preset, seed, backbones))
 
 
@@ -356,14 +380,14 @@ def figure5(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = 
     curves: dict[tuple, Future] = {}
     stage1_s: dict[int, float] = {}
     with _jobs(workers) as jobs:
-        firsts = {jobs.submit(_stage1_job, preset, seed): seed for seed in seeds}
+        firsts = {_submit(jobs, _stage1_job, preset, seed, R.BACKBONES): seed for seed in seeds}
         for done in as_completed(firsts):
             seed, s1 = firsts[done], done.result()
             stage1_s[seed] = round(s1.seconds, 1)
             _log(verbose, f"seed {seed}: stage 1 in {s1.seconds:.0f} s")
             for kind, with_stage1 in arms:
-                curves[seed, kind, with_stage1] = jobs.submit(_figure5_job, preset, kind, s1 if with_stage1 else None,
-                                                              seed, eval_at, n_eval, eval_seed)
+                curves[seed, kind, with_stage1] = _submit(jobs, _figure5_job, preset, kind, s1 if with_stage1 else None,
+                                                           seed, eval_at, n_eval, eval_seed)
         rows, timings = [], []
         for seed in seeds:  # rows in the order of a run on one process, whatever finished first
             timings.append({"seed": seed, "stage1_s": stage1_s[seed]})
@@ -398,7 +422,7 @@ def table6(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = (
     start = time.perf_counter()
     loss_sets = loss_sets or LOSS_SETS
     with _jobs(workers) as jobs:
-        futures = [jobs.submit(_table6_job, name, replace(preset, stage1_losses=tuple(losses)), seed, eval_seed)
+        futures = [_submit(jobs, _table6_job, name, replace(preset, stage1_losses=tuple(losses)), seed, eval_seed)
                    for name, losses in loss_sets.items() for seed in seeds]
         rows = [f.result() for f in futures]
     for r in rows:
@@ -416,12 +440,12 @@ def _full_eval(pipe: Blip2Pipeline, preset: R.ShapesPreset, n_eval: int, eval_se
             **{k: rec[k] for k in ("itc/txt_r1", "itc/img_r1", "itm/txt_r1", "itm/img_r1")}}
 
 
-def _both_stages_job(row: dict, preset: R.ShapesPreset, kind: R.LLMKind, seed: int, n_eval: int, eval_seed: int,
-                     backbones: Path = R.BACKBONES) -> dict:
-    """Stage 1 then stage 2 (`kind`) on `backbones`, evaluated by `_full_eval`: `row` + figures."""
+def _both_stages_job(preset: R.ShapesPreset, kind: R.LLMKind, seed: int, n_eval: int, eval_seed: int,
+                     backbones: Path) -> dict:
+    """Stage 1 then stage 2 (`kind`) on `backbones`, evaluated by `_full_eval`."""
     s1 = run_stage1(preset, seed, backbones)
     s2 = run_stage2(preset, kind, s1, seed, backbones)
-    return {**row, **_full_eval(s2.pipe, preset, n_eval, eval_seed),
+    return {**_full_eval(s2.pipe, preset, n_eval, eval_seed),
             "trainable_params": sum(x.numel() for x in s2.pipe.model.parameters() if x.requires_grad),
             "stage1_s": round(s1.seconds, 1), "stage2_s": round(s2.seconds, 1)}
 
@@ -433,9 +457,10 @@ def queries(out_dir: str | Path, preset: R.ShapesPreset, counts: Sequence[int] =
     captions and VQA on seen and novel scenes. The paper fixes 32 (Sec. 3.1)."""
     start = time.perf_counter()
     with _jobs(workers) as jobs:
-        futures = [jobs.submit(_both_stages_job, {"num_queries": q}, replace(preset, num_queries=q), kind, seed,
-                               n_eval or preset.n_eval, eval_seed) for q in sorted(counts, reverse=True)]
-        rows = sorted((f.result() for f in futures), key=lambda r: list(counts).index(r["num_queries"]))
+        futures = {q: _submit(jobs, _both_stages_job, replace(preset, num_queries=q), kind, seed,
+                              n_eval or preset.n_eval, eval_seed, R.BACKBONES)
+                   for q in sorted(counts, reverse=True)}  # the longest first
+        rows = [{"num_queries": q, **futures[q].result()} for q in counts]
     for row in rows:
         _log(verbose, row)
     write_rows(out_dir, "queries", rows, _meta("queries", preset, start, workers, seed=seed, llm=kind,
@@ -457,13 +482,11 @@ def _backbones_with(work: Path, name: str, **replacements: Path) -> Path:
     return folder
 
 
-def _encoder_job(label: str, vit: Path, backbones: Path, preset: R.ShapesPreset, seed: int, kind: R.LLMKind,
-                 n_eval: int, eval_seed: int, probe_scenes: tuple[int, int]) -> dict:
+def _probe_job(vit: Path, seed: int, probe_scenes: tuple[int, int]) -> dict:
     from ..backbones import vision as V
 
     probe = V.linear_probe(V.load_shapes_vision(vit), n_train=probe_scenes[0], n_test=probe_scenes[1], seed=seed)
-    row = {"encoder": label, **{f"probe_{k}": probe["seen"][k] for k in ("shape", "color", "size", "object")}}
-    return _both_stages_job(row, preset, kind, seed, n_eval, eval_seed, backbones)
+    return {f"probe_{k}": probe["seen"][k] for k in ("shape", "color", "size", "object")}
 
 
 def encoders(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, pretrain_steps: Sequence[int] = (0, 60),
@@ -492,9 +515,10 @@ def encoders(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, 
         for label, vit in towers:
             backbones = R.BACKBONES if vit == R.BACKBONES / "vit" else _backbones_with(work, f"backbones-{vit.name}",
                                                                                        vit=vit)
-            futures.append(jobs.submit(_encoder_job, label, vit, backbones, preset, seed, kind,
-                                       n_eval or preset.n_eval, eval_seed, probe_scenes))
-        rows = [f.result() for f in futures]
+            futures.append((label, _submit(jobs, _probe_job, vit, seed, probe_scenes),
+                            _submit(jobs, _both_stages_job, preset, kind, seed, n_eval or preset.n_eval, eval_seed,
+                                    backbones)))
+        rows = [{"encoder": label, **probe.result(), **trained.result()} for label, probe, trained in futures]
     for row in rows:
         _log(verbose, row)
     write_rows(out_dir, "encoders", rows, _meta("encoders", preset, start, workers, seed=seed, llm=kind,
@@ -540,23 +564,24 @@ def llm_size(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, 
     extra = dict(pretrain_kwargs or {})
     llms: list[tuple[str, Path, int]] = []
     with _jobs(workers) as jobs:
+        stage1 = _submit(jobs, _stage1_job, preset, seed, R.BACKBONES)
         pretrained = []
         for name, overrides in sizes.items():
             key = world.stable_seed(json.dumps([overrides or {}, pretrain_steps, seed, extra], sort_keys=True)) % 10**8
             folder = work / f"opt-{pretrain_steps}-{key:08d}"  # one folder per (size, steps, seed, arguments)
             if not (folder / "model.safetensors").is_file():
-                pretrained.append(jobs.submit(_pretrain_opt_job, folder, pretrain_steps, seed, overrides, extra))
+                pretrained.append(_submit(jobs, _pretrain_opt_job, folder, pretrain_steps, seed, overrides, extra))
             llms.append((f"{name}, {pretrain_steps} steps", folder, pretrain_steps))
         llms.append(("shipped (4x128), 5000 steps", R.BACKBONES / "opt", 5000))
-        s1 = jobs.submit(_stage1_job, preset, seed).result()
+        s1 = stage1.result()
         for f in pretrained:
             f.result()
         futures = []
         for label, folder, steps in llms:
             backbones = R.BACKBONES if folder == R.BACKBONES / "opt" else _backbones_with(work, f"backbones-{folder.name}",
                                                                                            opt=folder)
-            futures.append(jobs.submit(_llm_job, label, folder, steps, backbones, preset, s1, seed,
-                                       n_eval or preset.n_eval, eval_seed, qa_scenes))
+            futures.append(_submit(jobs, _llm_job, label, folder, steps, backbones, preset, s1, seed,
+                                   n_eval or preset.n_eval, eval_seed, qa_scenes))
         rows = [f.result() for f in futures]
     for row in rows:
         _log(verbose, row)
