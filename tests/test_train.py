@@ -3,10 +3,10 @@ two processes (DDP over gloo) against one on the same global batch."""
 
 import csv
 import os
-import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from blip2lab.blip2 import Blip2
@@ -108,27 +108,28 @@ def test_nan_guard_skips_and_stops(tmp_path):
         train(_model(), batches, _cfg(max_steps=4, max_bad_steps=1))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+def _ddp_worker(rank, world, init_file, out):
+    # The group meets through a file, not a TCP port picked beforehand (another process could
+    # take that port first); accelerate uses a group that is already initialised. Both ranks
+    # pass a barrier before tearing gloo down (tests/test_dist.py: an abort otherwise).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    model = _model(dropout=0.0)
-    train(model, BatchStream(Toy(), 4 // world, collate, seed=3, rank=rank, world_size=world),
-          _cfg(max_steps=3, losses=("itg",)))
-    if rank == 0:
-        torch.save(model.state_dict(), out)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _model(dropout=0.0)
+        train(model, BatchStream(Toy(), 4 // world, collate, seed=3, rank=rank, world_size=world),
+              _cfg(max_steps=3, losses=("itg",)))
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     """ITG alone (no cross-rank gathers, equal token counts): DDP's averaged gradients are the
     whole batch's, so 2 processes of batch 2 train exactly as 1 process of batch 4."""
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt")
     single = _model(dropout=0.0)  # dropout masks are per process: the runs compare without it
     single_cfg = _cfg(max_steps=3, losses=("itg",))
