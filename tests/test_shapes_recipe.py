@@ -80,3 +80,34 @@ def test_stage1_siblings_share_a_batch():
     assert batch["image_embeds"].shape[0] == 8  # 4 (original, sibling) pairs
     ids = batch["image_ids"].tolist()
     assert sorted(i % 8 for i in ids[0::2]) == sorted(i % 8 for i in ids[1::2]) and all(i >= 8 for i in ids[1::2])
+
+
+def test_question_aware_stage2_masks_captions_out_and_answers(built, tmp_path):
+    """stage2_qformer_question: VQA items give their question to the Q-Former; a caption
+    item's question row is masked whole, so its queries are exactly the no-text pass."""
+    import torch
+
+    import blip2lab
+    from blip2lab.data import shapes as world
+
+    preset = recipe.preset_with("tiny", ["stage2_qformer_question=true", "stage2_steps=3"])
+    config = recipe.shapes_config("opt", preset)
+    assert config.qformer_question and not recipe.shapes_config(None, preset).qformer_question
+    model, proc = recipe.build_model(config).eval(), recipe.processor_for(config)
+    scene = world.make_split("train", 1, 0)[0]
+    image = model.encode_image(proc.images([world.render(scene)] * 2))  # (2, N, D_v)
+    batch = recipe.stage2_collate(proc, qformer_question=True)(
+        [{"image_embeds": image[0], "question": None, "answer": world.caption(scene)},
+         {"image_embeds": image[1], "question": "how many shapes are there?", "answer": "one"}])
+    assert batch["question_mask"][0].sum() == 0 and batch["question_mask"][1].sum() > 2
+    with torch.no_grad():
+        asked = model.query_outputs(image, batch["question_ids"], batch["question_mask"])  # (2, Q, D_q)
+        plain = model.query_outputs(image)
+    torch.testing.assert_close(asked[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(asked[1], plain[1], atol=1e-4)
+
+    pipe, _ = recipe.train_stage2(tmp_path / "opt-q", built / "stage1", "opt", preset, progress=False)
+    loaded = blip2lab.load(tmp_path / "opt-q")
+    assert loaded.model.config.qformer_question
+    answer = loaded.answer(world.render(scene), "how many shapes are there?", num_beams=1)
+    assert answer == pipe.answer(world.render(scene), "how many shapes are there?", num_beams=1)

@@ -21,7 +21,9 @@ Deviations from the paper, each a preset field (defaults follow the paper where 
   cell of a lone object 0.45, ITC picks the right cell of six 0.21 after 1,200 steps); the
   paper's batches are random (`stage1_siblings=False`);
 - stage 2 may mix VQA examples into the captioning data (`stage2_vqa_fraction`); the
-  paper's zero-shot setting is `stage2_vqa_fraction=0` (captions only).
+  paper's zero-shot setting is `stage2_vqa_fraction=0` (captions only);
+- stage 2 may also give each VQA example's question to the Q-Former (`stage2_qformer_question`):
+  the paper does this when it fine-tunes for VQA (Sec. 4.3), after stage 2, not during it.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class ShapesPreset:
     stage2_batch: int = 32
     stage2_lr: float = 5e-4
     stage2_vqa_fraction: float = 0.5  # 0: the paper's captions-only stage 2 (zero-shot VQA)
+    # The question also enters the Q-Former (Blip2Config.qformer_question: the paper's VQA
+    # fine-tuning, Sec. 4.3): the queries then pick what the question asks about.
+    stage2_qformer_question: bool = False
     warmup: int = 100
     k_test: int = 16  # ITM re-ranking depth of the retrieval protocol (COCO: 128)
 
@@ -119,7 +124,8 @@ def shapes_config(kind: Optional[LLMKind], preset: ShapesPreset, backbones: Path
     if kind is not None:
         llm = LLMConfig(kind="decoder" if kind == "opt" else "encoder_decoder", name_or_path=str(backbones / kind))
     return Blip2Config(vision=_vision_config(), qformer=qformer, llm=llm, embed_dim=128,
-                       image_pos_embed=preset.image_pos_embed)
+                       image_pos_embed=preset.image_pos_embed,
+                       qformer_question=kind is not None and preset.stage2_qformer_question)
 
 
 def build_model(config: Blip2Config, backbones: Path = BACKBONES) -> Blip2:
@@ -218,7 +224,11 @@ class Stage2Data(Dataset):
         return {"image_embeds": self.features[i], "question": None, "answer": world.caption(scene)}
 
 
-def stage2_collate(processor: Blip2Processor):
+def stage2_collate(processor: Blip2Processor, qformer_question: bool = False):
+    """LLM prompts and targets; with `qformer_question` also the questions for the Q-Former
+    (question_ids, question_mask (B, T)). A caption item's row (the prompt, as a stand-in) is
+    masked out whole, so its queries see no text: the same pass as `encode_queries`, which
+    captioning runs."""
     def collate(items: list[dict]) -> dict:
         prompts = [processor.caption_prompt if it["question"] is None else processor.vqa_prompt(it["question"])
                    for it in items]
@@ -227,6 +237,10 @@ def stage2_collate(processor: Blip2Processor):
             text = processor.decoder_batch(prompts, answers)
         else:
             text = processor.encoder_decoder_batch(prompts, answers)
+        if qformer_question:
+            text |= processor.qformer_questions([it["question"] or processor.caption_prompt for it in items])
+            is_caption = torch.tensor([it["question"] is None for it in items])  # (B,)
+            text["question_mask"] = text["question_mask"].masked_fill(is_caption[:, None], 0)
         return {"image_embeds": torch.stack([it["image_embeds"] for it in items]).float(), **text}
     return collate
 
@@ -295,7 +309,7 @@ def _run_stage(out: Path, model: Blip2, processor: Blip2Processor, stage: int, p
         data = stage1_stream(features, scenes, preset, processor, seed)
     else:
         data = BatchStream(Stage2Data(features, scenes, preset.stage2_vqa_fraction, seed), cfg.batch_size,
-                           stage2_collate(processor), seed=seed)
+                           stage2_collate(processor, model.config.qformer_question), seed=seed)
     with Timer() as t_train:
         train(model, data, cfg, out_dir=out / "train", progress=progress)
     pipe = Blip2Pipeline(model.eval(), processor, name=out.name)
