@@ -97,6 +97,10 @@ class MiniRealPreset:
     # EfficientNet feature tap for the visual tokens (backbones/minireal.EFFICIENTNET_TAPS):
     # -1 the 7x7 x 1280 head map (50 tokens), -4 the 14x14 x 112 stage (197 tokens).
     image_layer: int = -1
+    # Normal std of the Q-Former's fresh weights (queries, cross-attention, heads). BERT's 0.02
+    # leaves a fresh 384-wide cross-attention uniform over the 50 image tokens (every query's
+    # map entropy 1.00, maps alike 1.00 at init), so every query reads the same pooled feature.
+    init_std: float = 0.02
     stage1_steps: int = 750
     stage1_batch: int = 32
     stage1_lr: float = 2e-4
@@ -161,7 +165,8 @@ def preset_with(name: str, overrides: Sequence[str]) -> MiniRealPreset:
 
 def config_for(preset: MiniRealPreset, llm: bool) -> Blip2Config:
     """mini-real's config: stage 1 without the LLM, stage 2 with SmolLM2; word embeddings frozen."""
-    return mr.minireal_config(llm=llm, num_queries=preset.num_queries, layer_index=preset.image_layer)
+    return mr.minireal_config(llm=llm, num_queries=preset.num_queries, layer_index=preset.image_layer,
+                              init_std=preset.init_std)
 
 
 def processor_for(config: Blip2Config) -> Blip2Processor:
