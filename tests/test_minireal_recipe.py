@@ -248,3 +248,20 @@ def test_cli_trains_stage2_from_a_stage1_folder(built, tmp_path, capsys):
     assert record["command"] == "blip2lab " + " ".join(argv)
     assert record["stage1"] == str(tmp_path / "stage1") and record["preset"]["stage2_steps"] == 1
     assert json.loads(capsys.readouterr().out)["weights_bytes"] == record["weights_bytes"]
+
+
+def test_init_std_sets_the_fresh_weights_only():
+    """The preset's init_std reaches the Q-Former's fresh parts (queries, cross-attention);
+    the weights copied from MiniLM are the same whatever it is."""
+    wide = R.config_for(R.preset_with("tiny", ["init_std=0.2"]), llm=False)
+    assert wide.qformer.init_std == 0.2 and R.config_for(R.PRESETS["tiny"], llm=False).qformer.init_std == 0.02
+    from blip2lab.blip2 import Blip2
+
+    torch.manual_seed(0)
+    model = Blip2(wide)
+    assert 0.15 < float(model.qformer.query_tokens.std()) < 0.25
+    torch.manual_seed(0)
+    base = Blip2(R.config_for(R.PRESETS["tiny"], llm=False))
+    state, base_state = model.state_dict(), base.state_dict()
+    assert torch.equal(state["qformer.layers.0.self_attn.qkv.weight"], base_state["qformer.layers.0.self_attn.qkv.weight"])
+    assert not torch.equal(state["qformer.layers.0.cross_attn.q.weight"], base_state["qformer.layers.0.cross_attn.q.weight"])
