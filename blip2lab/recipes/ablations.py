@@ -82,7 +82,6 @@ class Trained:
 
     key: str
     seconds: float
-    history: list[dict]
     weights: bytes
 
     @classmethod
@@ -90,7 +89,7 @@ class Trained:
         from safetensors.torch import save
 
         state = {k: v.contiguous() for k, v in run.pipe.model.state_dict().items() if not k.startswith("image_encoder.")}
-        return cls(run.key, run.seconds, run.history, save(state))
+        return cls(run.key, run.seconds, save(state))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
@@ -345,7 +344,8 @@ def _log(verbose: bool, *parts) -> None:
 # The sweeps
 # ---------------------------------------------------------------------------------------
 # Each sweep submits one job per independent training to `_jobs(workers)`; a job is a plain
-# module-level function (a spawned worker imports it) that returns rows, never a model.
+# module-level function (a spawned worker imports it) that returns rows, or a stage 1's
+# weights (`Trained`), never a model.
 
 
 def _stage1_job(preset: R.ShapesPreset, seed: int, backbones: Path) -> Trained:
