@@ -147,6 +147,13 @@ class QFormerConfig:
     # A BERT-like checkpoint in transformers format on disk to copy self-attention, FFNs and
     # embeddings from (the paper starts from bert-base-uncased). None: random init.
     init_from: Optional[str] = None
+    # How the learned queries start. "normal": normal(0, init_std), as LAVIS. "text" (a
+    # deviation, needs init_from): query i starts as the checkpoint's embedding of a fixed
+    # random word at position i, so the copied self-attention sees a sentence of distinct
+    # tokens, not Q random directions. With all-MiniLM-L6-v2 (a sentence encoder trained for
+    # mean pooling) random queries leave the Q-Former as one vector (outputs' cosine 0.84 on
+    # a photo before training); "text" queries leave them 0.27 apart (recipes/minireal.py).
+    query_init: str = "normal"
     # The text side (word/position embeddings, text FFNs, LM head). Stage-2 checkpoints of
     # LAVIS and HF drop it (HF `use_qformer_text_input=False`); stage 1, retrieval and the
     # question-aware VQA variant need it.
@@ -177,6 +184,11 @@ class QFormerConfig:
         _check(not self.freeze_word_embeddings or (self.text_input and self.init_from is not None),
                "qformer.freeze_word_embeddings needs qformer.text_input=True and qformer.init_from (the "
                "checkpoint the frozen table is copied from)")
+        _check(self.query_init in ("normal", "text"), f"qformer.query_init must be 'normal' or 'text', got "
+                                                         f"{self.query_init!r}")
+        _check(self.query_init == "normal" or (self.text_input and self.init_from is not None),
+               "qformer.query_init='text' needs qformer.text_input=True and qformer.init_from (whose embeddings "
+               "the queries start from)")
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "dec_token_id"):
             value = getattr(self, name)
             _check(0 <= value < self.vocab_size,

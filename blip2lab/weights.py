@@ -406,6 +406,15 @@ def bert_table(cfg: QFormerConfig, theirs_prefix: str = "") -> dict[str, Keys]:
     return table
 
 
+def text_queries(words: Tensor, positions: Tensor, num_queries: int, seed: int = 0) -> Tensor:
+    """(Q, D) query embeddings that look like a Q-token sentence to the BERT they came from:
+    the word embedding of a fixed random draw of words (after the first 1,000 rows, which
+    in BERT vocabularies are special and unused tokens) plus positions 0..Q-1."""
+    first = 1000 if words.shape[0] > 2000 else 0
+    ids = torch.randint(first, words.shape[0], (num_queries,), generator=torch.Generator().manual_seed(seed))
+    return words[ids] + positions[:num_queries]  # (Q, D)
+
+
 def init_qformer_from_bert(qformer: nn.Module, path: str | Path) -> list[str]:
     """Copy a BERT-like checkpoint in transformers format (a folder, or a `package:` path:
     sources.local_model) into `qformer`. Returns the checkpoint keys deliberately not
@@ -462,6 +471,9 @@ def init_qformer_from_bert(qformer: nn.Module, path: str | Path) -> list[str]:
         bias = state.get("cls.predictions.bias")
         if bias is not None:
             own["lm_head.bias"][: bias.shape[0]].copy_(bias)
+        if cfg.query_init == "text":  # QFormerConfig.query_init: word + position embeddings of a fixed draw
+            own["query_tokens"].copy_(text_queries(words, state["embeddings.position_embeddings.weight"],
+                                                   cfg.num_queries)[None])
     used = {k for theirs in table.values() for k in _keys(theirs)}
     return sorted(k for k in state if k not in used and not k.startswith("embeddings.word_embeddings"))
 

@@ -73,3 +73,32 @@ def test_shape_mismatch_names_the_field(bert_dir):
     cfg = QFormerConfig(**(tiny_config().qformer.__dict__ | {"num_layers": 3}))
     with pytest.raises(WeightsError, match="qformer.num_layers"):
         init_qformer_from_bert(QFormer(cfg, 24), path)
+
+
+def test_text_query_init_starts_queries_as_a_sentence_of_words(bert_dir):
+    """query_init="text": query i is the checkpoint's embedding of some word at position i
+    (QFormerConfig.query_init), drawn the same way every time; "normal" leaves LAVIS's init."""
+    from dataclasses import replace
+
+    path, bert = bert_dir
+    cfg = replace(tiny_config().qformer, query_init="text", init_from=str(path))
+    firsts = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        qf = QFormer(cfg, 24)
+        init_qformer_from_bert(qf, path)
+        firsts.append(qf.query_tokens.detach().clone())
+    assert torch.equal(*firsts)  # a fixed draw, not the global RNG's
+    words = bert.bert.embeddings.word_embeddings.weight  # (V, D)
+    positions = bert.bert.embeddings.position_embeddings.weight[: cfg.num_queries]  # (Q, D)
+    residual = firsts[0][0] - positions  # (Q, D): each row one word's embedding
+    match = (residual[:, None, :] - words[None]).abs().amax(-1)  # (Q, V)
+    assert bool((match.amin(-1) < 1e-6).all())
+    torch.manual_seed(1)
+    normal = QFormer(replace(cfg, query_init="normal"), 24)
+    init_qformer_from_bert(normal, path)
+    assert not torch.allclose(normal.query_tokens, firsts[0])
+    with pytest.raises(ValueError, match="query_init"):
+        replace(cfg, init_from=None)
+    with pytest.raises(ValueError, match="query_init"):
+        replace(cfg, query_init="words")

@@ -265,3 +265,19 @@ def test_init_std_sets_the_fresh_weights_only():
     state, base_state = model.state_dict(), base.state_dict()
     assert torch.equal(state["qformer.layers.0.self_attn.qkv.weight"], base_state["qformer.layers.0.self_attn.qkv.weight"])
     assert not torch.equal(state["qformer.layers.0.cross_attn.q.weight"], base_state["qformer.layers.0.cross_attn.q.weight"])
+
+
+def test_query_init_reaches_the_qformer():
+    """The preset's query_init=text starts the queries from MiniLM's embeddings (word +
+    position), so before training they are not folded into one vector as random ones are."""
+    from blip2lab import analysis
+    from blip2lab.blip2 import Blip2
+
+    torch.manual_seed(0)
+    models = {qi: Blip2(R.config_for(R.preset_with("tiny", [f"query_init={qi}"]), llm=False)).eval()
+              for qi in ("normal", "text")}
+    assert models["text"].qformer.cfg.query_init == "text"
+    image = torch.randn(1, 50, models["text"].config.vision.width)  # (1, N, D_v), as ln_vision hands over
+    with torch.no_grad():
+        outputs = {qi: analysis.query_collapse(m.qformer, m.ln_vision(image))["outputs"] for qi, m in models.items()}
+    assert outputs["text"] < outputs["normal"] - 0.2, outputs

@@ -79,7 +79,8 @@ def llm_tokenizer(source: str = SMOLLM2):
 
 
 def qformer_config(num_queries: int = 32, cross_attention_freq: int = 2, source: str = MINILM,
-                   freeze_word_embeddings: bool = True, init_std: float = 0.02) -> QFormerConfig:
+                   freeze_word_embeddings: bool = True, init_std: float = 0.02,
+                   query_init: str = "normal") -> QFormerConfig:
     """A Q-Former shaped like the BERT at `source` and initialised from it (paper Sec. 3.1:
     from bert-base-uncased; here all-MiniLM-L6-v2: 6 layers, width 384, 12 heads).
     `freeze_word_embeddings`: MiniLM's 30522 x 384 word embeddings (11.7M of the Q-Former's
@@ -96,7 +97,7 @@ def qformer_config(num_queries: int = 32, cross_attention_freq: int = 2, source:
         hidden_dropout=bert.hidden_dropout_prob, attention_dropout=bert.attention_probs_dropout_prob,
         layer_norm_eps=bert.layer_norm_eps, pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id,
         sep_token_id=tok.sep_token_id, dec_token_id=tok.convert_tokens_to_ids("[DEC]"), init_from=source,
-        freeze_word_embeddings=freeze_word_embeddings, init_std=init_std)
+        freeze_word_embeddings=freeze_word_embeddings, init_std=init_std, query_init=query_init)
 
 
 def llm_config(source: str = SMOLLM2, **overrides) -> LLMConfig:
@@ -106,11 +107,13 @@ def llm_config(source: str = SMOLLM2, **overrides) -> LLMConfig:
 
 
 def minireal_config(llm: bool = True, num_queries: int = 32, layer_index: int = -1,
-                    cross_attention_freq: int = 2, init_std: float = 0.02) -> Blip2Config:
+                    cross_attention_freq: int = 2, init_std: float = 0.02, query_init: str = "normal") -> Blip2Config:
     """The mini-real BLIP-2: EfficientNet-lite0 -> MiniLM-initialised Q-Former (-> SmolLM2).
-    `llm=False` is the stage-1 model (no LLM); `init_std`: the Q-Former's fresh weights."""
+    `llm=False` is the stage-1 model (no LLM); `init_std`: the Q-Former's fresh weights;
+    `query_init`: QFormerConfig.query_init."""
     return Blip2Config(vision=vision_config(layer_index),
-                       qformer=qformer_config(num_queries, cross_attention_freq, init_std=init_std),
+                       qformer=qformer_config(num_queries, cross_attention_freq, init_std=init_std,
+                                              query_init=query_init),
                        llm=llm_config() if llm else LLMConfig())
 
 

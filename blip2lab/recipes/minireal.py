@@ -101,6 +101,9 @@ class MiniRealPreset:
     # leaves a fresh 384-wide cross-attention uniform over the 50 image tokens (every query's
     # map entropy 1.00, maps alike 1.00 at init), so every query reads the same pooled feature.
     init_std: float = 0.02
+    # QFormerConfig.query_init: "text" starts each query as a MiniLM word + position embedding,
+    # so MiniLM's self-attention does not fold the 16 queries into one vector.
+    query_init: str = "normal"
     stage1_steps: int = 750
     stage1_batch: int = 32
     stage1_lr: float = 2e-4
@@ -166,7 +169,7 @@ def preset_with(name: str, overrides: Sequence[str]) -> MiniRealPreset:
 def config_for(preset: MiniRealPreset, llm: bool) -> Blip2Config:
     """mini-real's config: stage 1 without the LLM, stage 2 with SmolLM2; word embeddings frozen."""
     return mr.minireal_config(llm=llm, num_queries=preset.num_queries, layer_index=preset.image_layer,
-                              init_std=preset.init_std)
+                              init_std=preset.init_std, query_init=preset.query_init)
 
 
 def processor_for(config: Blip2Config) -> Blip2Processor:
