@@ -143,6 +143,7 @@ class Blip2(nn.Module):
         image_ids: Optional[Tensor] = None,  # (B,) examples of the same image are never ITM negatives
         generator: Optional[torch.Generator] = None,  # for the ITM negative draws
         itm_easy_negatives: float = 0.0,  # share of random ITM negatives (L.sample_hard_negatives)
+        lm_per_item: bool = False,  # stage 2: average the LM loss per item, then over items (L.lm_loss)
         **llm_batch: Tensor,  # stage 2: llm_ids, llm_mask, llm_labels (+ llm_target_*, question_*)
     ) -> dict[str, Tensor]:
         """The losses of one step, a dict of named `*_loss` tensors (and the temperature)."""
@@ -153,7 +154,7 @@ class Blip2(nn.Module):
             out |= self._stage1(image, text_ids, text_mask, stage1, label_smoothing, image_ids, generator,
                                 itm_easy_negatives)
         if "lm" in losses:
-            out |= self._stage2(image, **llm_batch)
+            out |= self._stage2(image, per_item=lm_per_item, **llm_batch)
         return out
 
     def _stage1(self, image: Tensor, text_ids: Optional[Tensor], text_mask: Optional[Tensor], losses: Sequence[str],
@@ -197,12 +198,13 @@ class Blip2(nn.Module):
 
     def _stage2(self, image: Tensor, llm_ids: Tensor, llm_mask: Tensor, llm_labels: Tensor,
                 llm_target_ids: Optional[Tensor] = None, llm_target_mask: Optional[Tensor] = None,
-                question_ids: Optional[Tensor] = None, question_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
+                question_ids: Optional[Tensor] = None, question_mask: Optional[Tensor] = None,
+                per_item: bool = False) -> dict[str, Tensor]:
         """Generative learning (Sec. 3.3): the queries as a soft visual prompt of the frozen LLM."""
         if self.llm is None:
             raise ValueError("the lm loss needs a language model (llm.kind is 'none')")
         visual = self.llm.visual_prompt(self.query_outputs(image, question_ids, question_mask))  # (B, Q, D_lm)
-        return self.llm.loss(visual, llm_ids, llm_mask, llm_labels, llm_target_ids, llm_target_mask)
+        return self.llm.loss(visual, llm_ids, llm_mask, llm_labels, llm_target_ids, llm_target_mask, per_item)
 
     @torch.no_grad()
     def generate_text(self, image: Tensor, llm_ids: Tensor, llm_mask: Tensor, decoding: DecodingConfig,

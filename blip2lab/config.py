@@ -291,6 +291,9 @@ class TrainConfig:
     # A deviation, 0 in the paper: the share of ITM negatives drawn at random instead of by
     # ITC hardness (losses.sample_hard_negatives), against the same collapse.
     itm_easy_negatives: float = 0.0
+    # A deviation, False in the paper (LAVIS / HF average over all tokens of a batch): stage 2's
+    # LM loss averaged per item, then over items, so captions and short answers weigh alike.
+    lm_per_item: bool = False
     seed: int = 0
     log_every: int = 10
     out_dir: str = "runs/default"

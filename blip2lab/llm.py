@@ -118,8 +118,9 @@ class LanguageModel(nn.Module):
     # -- training ------------------------------------------------------------------------
 
     def loss(self, visual: Tensor, llm_ids: Tensor, llm_mask: Tensor, llm_labels: Tensor,
-             llm_target_ids: Optional[Tensor] = None, llm_target_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
-        """Stage-2 generative loss.
+             llm_target_ids: Optional[Tensor] = None, llm_target_mask: Optional[Tensor] = None,
+             per_item: bool = False) -> dict[str, Tensor]:
+        """Stage-2 generative loss (`per_item`: see `losses.lm_loss`).
 
         decoder-only: llm_ids (B, T) = [BOS][prompt][text]["\\n"][pad] with llm_labels -100 on
         BOS, prompt and padding; the visual tokens get label -100 here.
@@ -134,7 +135,7 @@ class LanguageModel(nn.Module):
         if self.kind == "decoder":
             logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
             ignore = torch.full((B, Q), -100, dtype=llm_labels.dtype, device=llm_labels.device)
-            return lm_loss(logits, torch.cat([ignore, llm_labels], dim=1), shift=True)
+            return lm_loss(logits, torch.cat([ignore, llm_labels], dim=1), shift=True, per_item=per_item)
         if llm_target_ids is None:
             raise ValueError("an encoder-decoder LLM needs llm_target_ids (the decoder target)")
         # T5 builds its decoder inputs by shifting the labels right (decoder_start = pad).
@@ -142,7 +143,7 @@ class LanguageModel(nn.Module):
         logits = self.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
                             decoder_attention_mask=None if llm_target_mask is None else
                             torch.cat([torch.ones_like(llm_target_mask[:, :1]), llm_target_mask[:, :-1]], 1)).logits
-        return lm_loss(logits, llm_labels, shift=False)  # (B, S, V) already aligned with the targets
+        return lm_loss(logits, llm_labels, shift=False, per_item=per_item)  # (B, S, V) already aligned with the targets
 
     # -- generation ----------------------------------------------------------------------
 

@@ -121,15 +121,23 @@ def itg_loss_rows(logits: Tensor, targets: Tensor, label_smoothing: float = 0.1)
     return {"itg_loss": F.cross_entropy(logits, targets, label_smoothing=label_smoothing)}
 
 
-def lm_loss(logits: Tensor, labels: Tensor, shift: bool = True) -> dict[str, Tensor]:
+def lm_loss(logits: Tensor, labels: Tensor, shift: bool = True, per_item: bool = False) -> dict[str, Tensor]:
     """Stage-2 language-modelling loss: plain cross-entropy (no smoothing, as LAVIS / HF)
     over the positions whose label is not -100. `shift`: position t predicts token t + 1
     (decoder-only); an encoder-decoder's logits are already aligned with its targets.
+    `per_item`: average each item's tokens first, then the items (a deviation: LAVIS and HF
+    average all tokens of the batch, so a 27-token caption weighs ~10x a 2-token answer).
     logits (B, L, V), labels (B, L)."""
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return {"lm_loss": F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                       ignore_index=-100)}
+    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
+                           reduction="mean" if not per_item else "none")
+    if not per_item:
+        return {"lm_loss": flat}
+    counted = (labels != -100).float()  # (B, L)
+    per_row = (flat.view_as(counted) * counted).sum(1) / counted.sum(1).clamp(min=1)  # (B,)
+    has_target = counted.sum(1) > 0
+    return {"lm_loss": per_row[has_target].mean()}
 
 
 def total_loss(losses: dict[str, Tensor]) -> Tensor:

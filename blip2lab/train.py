@@ -232,6 +232,8 @@ def train(
         loss_kwargs["label_smoothing"] = cfg.label_smoothing
     if "itm_easy_negatives" not in loss_kwargs and "itm" in cfg.losses and cfg.itm_easy_negatives > 0:
         loss_kwargs["itm_easy_negatives"] = cfg.itm_easy_negatives
+    if "lm_per_item" not in loss_kwargs and "lm" in cfg.losses and cfg.lm_per_item:
+        loss_kwargs["lm_per_item"] = True
     accepts_generator = _accepts(model, "generator") and "generator" not in loss_kwargs
     state = LoopState()
     if resume:

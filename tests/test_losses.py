@@ -121,3 +121,20 @@ def test_itg_shift_and_ignore_index():
 def test_total_loss_sums_only_named_losses():
     out = {"itc_loss": torch.tensor(1.0), "itm_loss": torch.tensor(2.0), "temp": torch.tensor(0.07)}
     assert L.total_loss(out).item() == pytest.approx(3.0)
+
+
+def test_lm_loss_per_item_weighs_items_alike():
+    # Two items: item 0 has three targets, item 1 one (after the shift); -100 elsewhere.
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[-100, 1, 2, 3, -100], [-100, -100, -100, 4, -100]])
+    nll = -torch.log_softmax(logits[:, :-1], -1)  # position t predicts labels[:, t + 1]
+    item0 = torch.stack([nll[0, 0, 1], nll[0, 1, 2], nll[0, 2, 3]])
+    item1 = nll[1, 2, 4]
+    per_token = L.lm_loss(logits, labels)["lm_loss"]
+    assert per_token.item() == pytest.approx(torch.cat([item0, item1[None]]).mean().item(), abs=1e-6)
+    per_item = L.lm_loss(logits, labels, per_item=True)["lm_loss"]
+    assert per_item.item() == pytest.approx(((item0.mean() + item1) / 2).item(), abs=1e-6)
+    # An item with no target at all does not count (and does not divide by zero).
+    empty = torch.full((1, 5), -100)
+    both = L.lm_loss(torch.cat([logits, logits[:1]]), torch.cat([labels, empty]), per_item=True)["lm_loss"]
+    assert both.item() == pytest.approx(per_item.item(), abs=1e-6)

@@ -70,6 +70,23 @@ def test_decoder_loss_masks_visual_prompt_and_padding(gen):
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), abs=1e-5)
 
 
+
+def test_per_item_lm_loss_through_the_training_loop(gen):
+    # Row 0 has four targets, rows 1-3 one: per item the rows weigh alike, per token row 0 weighs 4/7.
+    model = _model(_llama()).eval()
+    batch = _decoder_batch(gen)
+    batch["llm_labels"][1:, 3:6] = -100
+    per_token = model(losses=("lm",), **batch)["lm_loss"]
+    per_item = model(losses=("lm",), lm_per_item=True, **batch)["lm_loss"]
+    rows = [model(losses=("lm",), **{k: v[b:b + 1] for k, v in batch.items()})["lm_loss"] for b in range(4)]
+    assert per_item.item() == pytest.approx(torch.stack(rows).mean().item(), abs=1e-5)
+    assert per_token.item() == pytest.approx(((4 * rows[0] + sum(rows[1:])) / 7).item(), abs=1e-5)
+    assert abs(per_item.item() - per_token.item()) > 1e-3
+    # TrainConfig.lm_per_item reaches the model: the first logged loss is the per-item one.
+    history = train(model, (batch for _ in range(10**6)), TrainConfig(stage=2, losses=("lm",), lm_per_item=True,
+                                                                     warmup_steps=1, max_steps=1))
+    assert history[0]["lm_loss"] == pytest.approx(per_item.item(), abs=1e-5)
+
 def test_llama_end_to_end_loss_falls_and_generates(gen):
     model = _model(_llama())
     batch = _decoder_batch(gen)

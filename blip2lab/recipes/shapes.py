@@ -23,7 +23,8 @@ Deviations from the paper, each a preset field (defaults follow the paper where 
 - stage 2 may mix VQA examples into the captioning data (`stage2_vqa_fraction`); the
   paper's zero-shot setting is `stage2_vqa_fraction=0` (captions only);
 - stage 2 may also give each VQA example's question to the Q-Former (`stage2_qformer_question`):
-  the paper does this when it fine-tunes for VQA (Sec. 4.3), after stage 2, not during it.
+  the paper does this when it fine-tunes for VQA (Sec. 4.3), after stage 2, not during it;
+- stage 2 may average its LM loss per item rather than per token (`stage2_lm_per_item`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class ShapesPreset:
     # The question also enters the Q-Former (Blip2Config.qformer_question: the paper's VQA
     # fine-tuning, Sec. 4.3): the queries then pick what the question asks about.
     stage2_qformer_question: bool = False
+    # The LM loss averaged per item, then over items (TrainConfig.lm_per_item; a deviation):
+    # a caption has ~27 target tokens, an answer 1-3, so per token the answers barely count.
+    stage2_lm_per_item: bool = False
     warmup: int = 100
     k_test: int = 16  # ITM re-ranking depth of the retrieval protocol (COCO: 128)
 
@@ -257,7 +261,8 @@ def _train_cfg(preset: ShapesPreset, stage: int, seed: int) -> TrainConfig:
                            lr=preset.stage1_lr, min_lr=preset.stage1_lr / 10,
                            warmup_steps=preset.warmup, max_steps=preset.stage1_steps, batch_size=preset.stage1_batch,
                            seed=seed, out_dir="")
-    return TrainConfig(stage=2, losses=("lm",), lr=preset.stage2_lr, min_lr=preset.stage2_lr / 10,
+    return TrainConfig(stage=2, losses=("lm",), lm_per_item=preset.stage2_lm_per_item,
+                       lr=preset.stage2_lr, min_lr=preset.stage2_lr / 10,
                        warmup_steps=preset.warmup, max_steps=preset.stage2_steps, batch_size=preset.stage2_batch,
                        seed=seed, out_dir="")
 
