@@ -279,6 +279,7 @@ def train_stage1(out_dir: str | Path, preset: ShapesPreset, seed: int = 0, backb
     """Stage 1 from the shipped backbones; saves a pipeline folder; returns it and timings."""
     out = Path(out_dir)
     config = shapes_config(None, preset, backbones)
+    torch.manual_seed(seed)  # the fresh parts' init (queries, cross-attention, heads): the same every run
     model = build_model(config, backbones)
     return _run_stage(out, model, processor_for(config, backbones), 1, preset, seed, progress)
 
@@ -290,6 +291,7 @@ def train_stage2(out_dir: str | Path, stage1: str | Path | None, kind: LLMKind, 
     stage 2 from the BERT-initialised Q-Former (the paper's Figure 5 ablation)."""
     out = Path(out_dir)
     config = shapes_config(kind, preset, backbones)
+    torch.manual_seed(seed)  # the fresh parts' init (the LLM projection; without stage 1 all of them)
     model = build_model(config, backbones)
     if stage1 is not None:
         from ..weights import read_safetensors
