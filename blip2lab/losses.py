@@ -130,14 +130,14 @@ def lm_loss(logits: Tensor, labels: Tensor, shift: bool = True, per_item: bool =
     logits (B, L, V), labels (B, L)."""
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
-                           reduction="mean" if not per_item else "none")
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
     if not per_item:
-        return {"lm_loss": flat}
-    counted = (labels != -100).float()  # (B, L)
-    per_row = (flat.view_as(counted) * counted).sum(1) / counted.sum(1).clamp(min=1)  # (B,)
-    has_target = counted.sum(1) > 0
-    return {"lm_loss": per_row[has_target].mean()}
+        return {"lm_loss": F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)}
+    # (B, L), 0 where ignored
+    nll = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="none").view_as(labels)
+    counts = (labels != -100).sum(1)  # (B,) targets per item
+    has_target = counts > 0
+    return {"lm_loss": (nll.sum(1)[has_target] / counts[has_target]).mean()}
 
 
 def total_loss(losses: dict[str, Tensor]) -> Tensor:

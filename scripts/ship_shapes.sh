@@ -8,7 +8,7 @@
 # Weights are stored in fp16 (they load into fp32); every figure is measured on the shipped
 # files. Each model folder gets eval.json (full test evaluation), eval_slice.json (the slice
 # tests/test_shipped_shapes.py re-evaluates) and recipe.json (this command, preset, timings).
-#   bash scripts/ship_shapes.sh          # everything (about 45 min on 2 cores)
+#   bash scripts/ship_shapes.sh          # everything (about 50-55 min on 2 cores)
 #   bash scripts/ship_shapes.sh stage2   # from an existing runs/shapes/stage1
 #   bash scripts/ship_shapes.sh save     # only store and evaluate existing runs/shapes/{stage1,opt,t5}
 #   bash scripts/ship_shapes.sh eval     # only re-evaluate the shipped folders

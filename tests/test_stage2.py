@@ -70,7 +70,6 @@ def test_decoder_loss_masks_visual_prompt_and_padding(gen):
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), abs=1e-5)
 
 
-
 def test_per_item_lm_loss_through_the_training_loop(gen):
     # Row 0 has four targets, rows 1-3 one: per item the rows weigh alike, per token row 0 weighs 4/7.
     model = _model(_llama()).eval()
@@ -86,6 +85,7 @@ def test_per_item_lm_loss_through_the_training_loop(gen):
     history = train(model, (batch for _ in range(10**6)), TrainConfig(stage=2, losses=("lm",), lm_per_item=True,
                                                                      warmup_steps=1, max_steps=1))
     assert history[0]["lm_loss"] == pytest.approx(per_item.item(), abs=1e-5)
+
 
 def test_llama_end_to_end_loss_falls_and_generates(gen):
     model = _model(_llama())

@@ -183,8 +183,7 @@ def train_features(preset: R.ShapesPreset, seed: int, backbones: Path = R.BACKBO
 
 def _build(kind: Optional[R.LLMKind], preset: R.ShapesPreset, seed: int, backbones: Path) -> tuple[Blip2, object]:
     config = R.shapes_config(kind, preset, backbones)
-    torch.manual_seed(seed)  # the fresh parameters (queries, cross-attention, heads, projection)
-    return R.build_model(config, backbones), R.processor_for(config, backbones)
+    return R.build_model(config, backbones, seed=seed), R.processor_for(config, backbones)
 
 
 def _fit(model: Blip2, processor, data, stage: int, preset: R.ShapesPreset, seed: int,

@@ -132,10 +132,14 @@ def shapes_config(kind: Optional[LLMKind], preset: ShapesPreset, backbones: Path
                        qformer_question=kind is not None and preset.stage2_qformer_question)
 
 
-def build_model(config: Blip2Config, backbones: Path = BACKBONES) -> Blip2:
-    """A Blip2 with the shipped frozen ViT's weights in its (pruned) tower."""
+def build_model(config: Blip2Config, backbones: Path = BACKBONES, seed: Optional[int] = None) -> Blip2:
+    """A Blip2 with the shipped frozen ViT's weights in its (pruned) tower. `seed`: seeds torch
+    before the fresh parts (queries, cross-attention, heads, LLM projection) are drawn, so a
+    training run starts from the same weights every time."""
     from ..backbones.vision import load_shapes_vision
 
+    if seed is not None:
+        torch.manual_seed(seed)
     return Blip2(config, image_encoder=load_shapes_vision(backbones / "vit"))
 
 
@@ -279,8 +283,7 @@ def train_stage1(out_dir: str | Path, preset: ShapesPreset, seed: int = 0, backb
     """Stage 1 from the shipped backbones; saves a pipeline folder; returns it and timings."""
     out = Path(out_dir)
     config = shapes_config(None, preset, backbones)
-    torch.manual_seed(seed)  # the fresh parts' init (queries, cross-attention, heads): the same every run
-    model = build_model(config, backbones)
+    model = build_model(config, backbones, seed=seed)
     return _run_stage(out, model, processor_for(config, backbones), 1, preset, seed, progress)
 
 
@@ -291,8 +294,7 @@ def train_stage2(out_dir: str | Path, stage1: str | Path | None, kind: LLMKind, 
     stage 2 from the BERT-initialised Q-Former (the paper's Figure 5 ablation)."""
     out = Path(out_dir)
     config = shapes_config(kind, preset, backbones)
-    torch.manual_seed(seed)  # the fresh parts' init (the LLM projection; without stage 1 all of them)
-    model = build_model(config, backbones)
+    model = build_model(config, backbones, seed=seed)
     if stage1 is not None:
         from ..weights import read_safetensors
 
