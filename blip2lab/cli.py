@@ -64,7 +64,8 @@ def _shapes_parser(sub) -> None:
     steps = shapes.add_subparsers(dest="shapes_command", required=True)
 
     def preset(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="default", help="tiny (about a minute), quick (about a quarter of an hour on 2 cores) or default")
+        p.add_argument("--preset", default="default",
+                       help="tiny (about a minute), quick (about a quarter of an hour on 2 cores) or default")
         p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override preset fields")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
