@@ -3,7 +3,7 @@
     blip2lab caption IMAGE [IMAGE ...] [--model NAME_OR_PATH]
     blip2lab vqa IMAGE QUESTION [--model NAME_OR_PATH]
     blip2lab match IMAGE TEXT [--model NAME_OR_PATH] [--retrieval NAME_OR_PATH]
-    blip2lab shapes build [--preset default|quick|tiny] [--out runs/shapes] [--seed 0]
+    blip2lab shapes build [--preset default|shipped|quick|tiny] [--out runs/shapes] [--seed 0]
     blip2lab shapes pretrain-vision | pretrain-lm [--which opt,t5,bert]
     blip2lab shapes train stage1|stage2 [--llm opt|t5] [--stage1 DIR] [--preset ...]
     blip2lab shapes eval caption|vqa|retrieval --model DIR [--preset ...]
@@ -65,7 +65,8 @@ def _shapes_parser(sub) -> None:
 
     def preset(p: argparse.ArgumentParser) -> None:
         p.add_argument("--preset", default="default",
-                       help="tiny (about a minute), quick (about a quarter of an hour on 2 cores) or default")
+                       help="tiny (about a minute), quick (about a quarter of an hour on 2 cores), "
+                            "default, or shipped (the shipped models' recipe, about 50 min)")
         p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override preset fields")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars")

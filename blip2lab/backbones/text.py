@@ -858,10 +858,13 @@ def _train_and_save(function: str, call: dict, objective: nn.Module, tokenizer, 
 
 
 def _qa_quick_eval(model, tokenizer, scenes, **kwargs):
-    """The periodic in-context QA check of the OPT and T5 runs (overall and per type)."""
+    """The periodic check of the OPT and T5 runs: in-context QA (overall and per type) and
+    caption copying (exact), the two skills stage 2 rides on."""
     def quick_eval() -> dict:
         r = in_context_qa_accuracy(model, tokenizer, scenes, **kwargs)
-        return {"qa": round(r["overall"], 4), **{t: round(v, 3) for t, v in r["per_type"].items()}}
+        copy = in_context_caption_accuracy(model, tokenizer, scenes)["exact"]
+        return {"qa": round(r["overall"], 4), **{t: round(v, 3) for t, v in r["per_type"].items()},
+                "copy": round(copy, 3)}
     return quick_eval
 
 
