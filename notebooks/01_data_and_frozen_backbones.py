@@ -234,13 +234,36 @@ ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
+# **Copying a caption, and word order.** Captioning asks more of the LLM than answering: it must
+# write every object with *its own* size, colour, shape and cell. Below, each LLM gets a
+# paraphrased description and must write the canonical caption (`in_context_caption_accuracy`).
+# OPT has learned absolute positions; T5 has none, only a learned bias on its self-attention
+# logits by relative distance, and its cross-attention sees no position at all. If that bias
+# stays near zero the encoder is a bag of words: `order_sensitivity` shuffles a caption's words
+# and measures how much the encoder's outputs change (0: not at all). Our first T5 drew the bias
+# at random near zero, as T5 does: order sensitivity 0.01, and it copied 0.42 of the captions,
+# mixing up which attribute belongs to which object. Starting the bias as ALiBi's local slopes
+# (`local_position_bias_`) gives the shipped T5 its sense of order, and the copies follow.
+
+# %%
+copy_scenes = qa_scenes[:N_QA]
+copy = {kind: text_backbones.in_context_caption_accuracy(*llms[kind][:2], copy_scenes) for kind in ("opt", "t5")}
+t5, t5_tok, _ = llms["t5"]
+order = text_backbones.order_sensitivity(t5, t5_tok, [world.caption(s) for s in copy_scenes])
+for kind, r in copy.items():
+    print(f"{kind}: caption copied exactly {r['exact']:.3f}, object F1 {r['object_f1']:.3f}")
+print(f"t5 encoder order sensitivity: {order:.3f}")
+RESULTS["caption_copy"] = {k: {"exact": round(v["exact"], 3), "object_f1": round(v["object_f1"], 3)} for k, v in copy.items()}
+RESULTS["t5_order_sensitivity"] = round(order, 3)
+
+# %% [markdown]
 # ## What this notebook measured
 #
 # The numbers below (small mode uses a few scenes; `BLIP2LAB_SMALL=0` for the real ones).
 # The image tower's tokens hold each attribute nearly linearly (seen scenes), a little less
 # for the held-out pairs; its nearest neighbours share far more with the query than random
 # scenes do. The LLMs answer most questions when the description is in their text: whatever
-# BLIP-2 learns has to put that description's content into 8 soft tokens.
+# BLIP-2 learns has to put that description's content into 16 soft tokens (the shipped models; the paper: 32).
 
 # %%
 RESULTS["seconds"] = round(time.perf_counter() - START, 1)

@@ -129,6 +129,24 @@ def test_target_and_context_tokens_are_weighted():
     assert set(row["weights"][9:-2]) == {1.0}  # ". Question: ... Answer:"
 
 
+def test_local_position_bias_starts_as_alibi():
+    from transformers import T5ForConditionalGeneration
+
+    tok = T.train_t5_tokenizer(["a small red circle on the top left"])
+    model = T5ForConditionalGeneration(T.t5_config(tok, d_model=32, d_kv=8))
+    T.local_position_bias_(model, [1.0, 0.5, 0.25, 0.0])
+    enc = model.encoder.block[0].layer[0].SelfAttention.compute_bias(12, 12)[0]  # (heads, q, k)
+    dec = model.decoder.block[0].layer[0].SelfAttention.compute_bias(12, 12)[0]
+    # offsets up to 8 have buckets of their own: exactly -slope * |offset|, both ways in the encoder
+    assert torch.equal(enc[:, 5, 2], torch.tensor([-3.0, -1.5, -0.75, 0.0]))
+    assert torch.equal(enc[:, 2, 5], torch.tensor([-3.0, -1.5, -0.75, 0.0]))
+    assert torch.equal(dec[:, 7, 0], torch.tensor([-7.0, -3.5, -1.75, 0.0]))
+    assert torch.equal(enc[:, 4, 4], torch.zeros(4))
+    # beyond, log-spaced buckets: the nearest offset of the bucket, so the bias never rises with distance
+    far = enc[0, 0]  # head 0, from position 0 to 0..11
+    assert all(far[i + 1] <= far[i] for i in range(11))
+
+
 # -- shipped backbones ------------------------------------------------------------------------
 
 

@@ -395,6 +395,29 @@ def t5_config(tokenizer, **overrides):
     return T5Config(**(kw | overrides))
 
 
+@torch.no_grad()
+def local_position_bias_(model, slopes: Sequence[float]) -> None:
+    """Start T5's learned relative-position biases (encoder and decoder self-attention) as
+    ALiBi's (Press et al. 2022): head h adds -slopes[h] * |distance| to its logits, with the
+    distance of each bucket its smallest |offset|. T5 draws them at random, near zero (std
+    d_model^-0.5): the miniature T5 then trains into a nearly permutation-invariant encoder
+    (bag of words; its outputs moved 0.1 of their scale when the words were shuffled) that
+    answers and copies without knowing which attribute belongs to which object."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    cfg = model.config
+    for stack, bidirectional in ((model.encoder, True), (model.decoder, False)):
+        attn = stack.block[0].layer[0].SelfAttention  # the one layer that holds the table
+        offsets = torch.arange(-cfg.relative_attention_max_distance, cfg.relative_attention_max_distance + 1)
+        buckets = T5Attention._relative_position_bucket(offsets, bidirectional=bidirectional,
+                                                        num_buckets=cfg.relative_attention_num_buckets,
+                                                        max_distance=cfg.relative_attention_max_distance)
+        distance = torch.full((cfg.relative_attention_num_buckets,), float(cfg.relative_attention_max_distance))
+        distance.scatter_reduce_(0, buckets, offsets.abs().float(), reduce="amin")
+        slope = torch.tensor(list(slopes), dtype=torch.float32)  # (heads,)
+        attn.relative_attention_bias.weight.copy_(-distance[:, None] * slope[None, :])  # (buckets, heads)
+
+
 def bert_config(tokenizer, **overrides):
     """A miniature BERT shaped like the shapes-world Q-Former (hidden 128, 4 layers, 4 heads,
     FFN 512, 64 positions), so `weights.init_qformer_from_bert` accepts it."""
@@ -706,6 +729,26 @@ def in_context_caption_accuracy(model, tokenizer, scenes: Sequence[Scene], *, ba
 
 
 @torch.no_grad()
+def order_sensitivity(model, tokenizer, texts: Sequence[str], seed: int = 0) -> float:
+    """How much the T5 encoder's outputs depend on word order: the mean, over `texts`, of
+    |h(shuffled) - h|.mean() / |h|.mean(), with h(shuffled) the outputs of the same tokens in
+    a random order (EOS kept last) put back in the original order. 0: a bag of words, whatever
+    the order; the order then reaches no one (T5's cross-attention has no positions)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for text in texts:
+        ids = tokenizer([text], return_tensors="pt")["input_ids"]  # (1, L), EOS last
+        n = ids.shape[1]
+        perm = torch.cat([torch.randperm(n - 1, generator=gen), torch.tensor([n - 1])])
+        h = model.encoder(input_ids=ids).last_hidden_state[0]  # (L, D)
+        h_shuffled = model.encoder(input_ids=ids[:, perm]).last_hidden_state[0]
+        back = torch.empty_like(h_shuffled)
+        back[perm] = h_shuffled  # row i: the token that sat at i, now read in shuffled order
+        out.append(((back - h).abs().mean() / h.abs().mean()).item())
+    return sum(out) / len(out)
+
+
+@torch.no_grad()
 def masked_token_accuracy(model, tokenizer, examples: Sequence[tuple[str, str] | str], seed: int = 0,
                           batch_size: int = 256) -> dict[str, float]:
     """Top-1 accuracy on the masked positions of `examples` ((text_a, text_b) pairs, or plain
@@ -927,6 +970,7 @@ def t5_metrics(model, tokenizer, seed: int = 0, n_test: int = 300, n_novel: int 
     return {"qa_context": in_context_qa_accuracy(model, tokenizer, test),
             "qa_context_novel": in_context_qa_accuracy(model, tokenizer, novel),
             "caption_copy": in_context_caption_accuracy(model, tokenizer, test[:n_caption]),
+            "order_sensitivity": round(order_sensitivity(model, tokenizer, [caption(s) for s in test[:50]], seed), 4),
             "embedding_cosine": embedding_cosines(model, tokenizer)}
 
 
@@ -934,6 +978,7 @@ def pretrain_t5(out_dir: Optional[str | Path], steps: int = 3000, seed: int = 0,
                 lr: float = 1e-3, warmup: int = 200, min_lr_ratio: float = 0.1, weight_decay: float = 0.05,
                 n_scenes: int = 100_000, mix: Optional[dict[str, float]] = None, max_history: int = 2,
                 canonical_share: float = 0.5, model_overrides: Optional[dict] = None,
+                position_slopes: Optional[Sequence[float]] = None,
                 eval_every: int = 0, eval_scenes: int = 60, final_eval: bool = True,
                 log_path: Optional[str | Path] = None, progress: bool = False) -> dict:
     """Train the Unigram tokenizer and the miniature T5 on `t5_corpus`; evaluate; save."""
@@ -950,6 +995,8 @@ def pretrain_t5(out_dir: Optional[str | Path], steps: int = 3000, seed: int = 0,
     model = T5ForConditionalGeneration(t5_config(tokenizer, **(model_overrides or {})))
     with torch.no_grad():  # transformers draws the untied head with std 1: first logits ~ +-50, loss ~60
         model.lm_head.weight.normal_(0.0, model.config.d_model ** -0.5)
+    if position_slopes is not None:
+        local_position_bias_(model, position_slopes)
     collate = seq2seq_collate(tokenizer)
     buckets = length_buckets(examples, batch_size, seed, length=lambda ex: len(ex[0]) + len(ex[1]))  # characters
     stream = BatchStream(_Rows(buckets), 1, lambda items: collate(items[0]), seed=seed)
