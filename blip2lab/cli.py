@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 DEFAULT_MODEL = "shapes-opt"
@@ -71,9 +72,14 @@ def _shapes_parser(sub) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def backbones(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backbones", default=None, metavar="DIR",
+                       help="frozen backbones to build on: a folder with vit/ opt/ t5/ bert/ (default: models/backbones)")
+
     p = steps.add_parser("build", help="stage 1, stage 2 on OPT and T5, evaluation")
     p.add_argument("--out", default="runs/shapes")
     preset(p)
+    backbones(p)
     p = steps.add_parser("pretrain-vision", help="pretrain the frozen ViT (models/backbones/vit)")
     p.add_argument("--out", default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -89,6 +95,7 @@ def _shapes_parser(sub) -> None:
     p.add_argument("--stage1", help="stage-1 folder to start stage 2 from (omit: no representation learning)")
     p.add_argument("--out", default=None)
     preset(p)
+    backbones(p)
     p = steps.add_parser("eval", help="evaluate a shapes model")
     p.add_argument("task", choices=["caption", "vqa", "retrieval", "all"])
     p.add_argument("--model", required=True)
@@ -116,15 +123,16 @@ def _shapes(args: argparse.Namespace) -> None:
         return
     preset = recipe.preset_with(args.preset, args.set)
     progress = not args.quiet
+    bb = {"backbones": Path(args.backbones)} if getattr(args, "backbones", None) else {}
     if cmd == "build":
-        report = recipe.build(args.out, preset, args.seed, progress=progress)
+        report = recipe.build(args.out, preset, args.seed, progress=progress, **bb)
         print(json.dumps({k: v for k, v in report.items() if k != "preset"}, indent=2, default=str))
     elif cmd == "train" and args.stage == "stage1":
-        _, timing = recipe.train_stage1(args.out or "runs/shapes/stage1", preset, args.seed, progress=progress)
+        _, timing = recipe.train_stage1(args.out or "runs/shapes/stage1", preset, args.seed, progress=progress, **bb)
         print(json.dumps(timing, indent=2))
     elif cmd == "train":
         out = args.out or f"runs/shapes/{args.llm}"
-        _, timing = recipe.train_stage2(out, args.stage1, args.llm, preset, args.seed, progress=progress)
+        _, timing = recipe.train_stage2(out, args.stage1, args.llm, preset, args.seed, progress=progress, **bb)
         print(json.dumps(timing, indent=2))
     else:
         from .pipeline import load
@@ -158,8 +166,6 @@ def _minireal_parser(sub) -> None:
 
 
 def _minireal(args: argparse.Namespace, command: str) -> None:
-    from pathlib import Path
-
     from .recipes import minireal as recipe
 
     preset = recipe.preset_with(args.preset, args.set)

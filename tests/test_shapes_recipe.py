@@ -61,6 +61,21 @@ def test_eval_command(built, capsys):
     assert "itc/txt_r1" in out["retrieval"]
 
 
+def test_train_on_other_backbones(tmp_path):
+    # `--backbones DIR` swaps the frozen parts (here: a folder whose t5/ is a link to the
+    # shipped one, as one would put a candidate T5 there); the model records where they came from.
+    other = tmp_path / "backbones"
+    other.mkdir()
+    for name in ("vit", "opt", "t5", "bert"):
+        (other / name).symlink_to(recipe.BACKBONES.resolve() / name)
+    out = tmp_path / "t5"
+    assert cli(["shapes", "train", "stage2", "--llm", "t5", "--preset", "tiny", "--backbones", str(other),
+                "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["llm"]["name_or_path"] == str(other / "t5")
+    assert config["qformer"]["init_from"] == str(other / "bert")
+
+
 def test_preset_overrides_are_checked():
     assert recipe.preset_with("tiny", ["stage1_steps=7"]).stage1_steps == 7
     with pytest.raises(ValueError, match="unknown preset field"):
