@@ -81,10 +81,9 @@ import torch, transformers
 from blip2lab.recipes.shapes import preset_with
 args = sys.argv[1:]
 sets = {"stage1": [], "opt": args[args.index("--opt") + 1:args.index("--t5")], "t5": args[args.index("--t5") + 1:]}
-common = args[:args.index("--opt")]
 stage1 = json.loads(Path("runs/shapes/stage1/timing.json").read_text())
 for run, name in (("stage1", "shapes-stage1"), ("opt", "shapes-opt"), ("t5", "shapes-t5")):
-    preset = asdict(preset_with("shipped", common + sets[run]))
+    preset = asdict(preset_with("shipped", sets[run]))
     timing = {"stage1": stage1} | ({} if run == "stage1" else
                                    {"stage2": json.loads((Path("runs/shapes") / run / "timing.json").read_text())})
     recipe = {"command": "bash scripts/ship_shapes.sh", "seed": 0, "threads": 1, "preset": preset, "timing": timing,
