@@ -985,8 +985,8 @@ def pretrain_t5(out_dir: Optional[str | Path], steps: int = 3000, seed: int = 0,
 
     `position_slopes` (one per head, e.g. [1, 0.5, 0.25, 0]) starts the relative-position
     biases as ALiBi's (`local_position_bias_`), a deviation from T5's random start. With
-    T5's start (the default, and the shipped backbone) this miniature trains into a nearly
-    order-blind encoder; with the slopes it learns word order (README)."""
+    T5's start (the default) this miniature trains into a nearly order-blind encoder;
+    with the slopes (the shipped backbone) it learns word order (README)."""
     from transformers import T5ForConditionalGeneration
 
     from ..train import BatchStream
