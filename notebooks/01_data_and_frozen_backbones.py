@@ -244,7 +244,7 @@ plt.show()
 # at random near zero, as T5 does, and trained into a bag of words: order sensitivity 0.01, and
 # it copied 0.42 of the captions, mixing up which attribute belongs to which object. The shipped
 # T5 started its bias as ALiBi's local slopes (`local_position_bias_`, `--position_slopes`):
-# order sensitivity 0.49, and the copies follow (README, *The T5's word order*).
+# order sensitivity about 0.5 (0.46 here on 300 scenes), and the copies follow (README, *The T5's word order*).
 
 # %%
 copy_scenes = qa_scenes[:N_QA]

@@ -38,13 +38,13 @@ def test_shipped_model_reevaluates_to_its_json(name):
 def test_shipped_figures_hold_their_floor_and_retrieval_is_stage1():
     """Regression floors under what the shipped models measure. shapes-opt meets the issue's
     three targets (caption object F1 >= 0.95: 0.984; VQA >= 0.90: 0.986; t->i R@1 >= 0.80 over
-    1,000 scenes: 0.962); shapes-t5 its VQA one (0.963) but not the caption one (0.810: see
-    README). The stage-2 models score retrieval with the linked stage-1 model, so their figures
-    are its figures."""
+    1,000 scenes: 0.962); so does shapes-t5 (0.957, 0.980; its "where" 0.948, hence a lower
+    floor there). The stage-2 models score retrieval with the linked stage-1 model, so their
+    figures are its figures."""
     stage1 = json.loads((MODELS_DIR / "shapes-stage1" / "eval.json").read_text())["retrieval"]
     assert stage1["itc/img_r1"] >= 0.80 and stage1["itc/img_r5"] >= 0.99  # the issue's target, and below it
     for name, f1_floor, vqa_floor, count_floor, where_floor in (("shapes-opt", 0.95, 0.90, 0.95, 0.95),
-                                                                ("shapes-t5", 0.75, 0.90, 0.95, 0.95)):
+                                                                ("shapes-t5", 0.95, 0.90, 0.95, 0.90)):
         ev = json.loads((MODELS_DIR / name / "eval.json").read_text())
         assert ev["caption/seen"]["f1"] >= f1_floor, (name, ev["caption/seen"]["f1"])
         assert ev["vqa/seen"]["accuracy"] >= vqa_floor and ev["vqa/seen"]["accuracy/count"] >= count_floor
