@@ -123,16 +123,18 @@ def _shapes(args: argparse.Namespace) -> None:
         return
     preset = recipe.preset_with(args.preset, args.set)
     progress = not args.quiet
-    bb = {"backbones": Path(args.backbones)} if getattr(args, "backbones", None) else {}
+    backbones = Path(args.backbones) if getattr(args, "backbones", None) else recipe.BACKBONES
     if cmd == "build":
-        report = recipe.build(args.out, preset, args.seed, progress=progress, **bb)
+        report = recipe.build(args.out, preset, args.seed, backbones=backbones, progress=progress)
         print(json.dumps({k: v for k, v in report.items() if k != "preset"}, indent=2, default=str))
     elif cmd == "train" and args.stage == "stage1":
-        _, timing = recipe.train_stage1(args.out or "runs/shapes/stage1", preset, args.seed, progress=progress, **bb)
+        _, timing = recipe.train_stage1(args.out or "runs/shapes/stage1", preset, args.seed, backbones=backbones,
+                                        progress=progress)
         print(json.dumps(timing, indent=2))
     elif cmd == "train":
         out = args.out or f"runs/shapes/{args.llm}"
-        _, timing = recipe.train_stage2(out, args.stage1, args.llm, preset, args.seed, progress=progress, **bb)
+        _, timing = recipe.train_stage2(out, args.stage1, args.llm, preset, args.seed, backbones=backbones,
+                                        progress=progress)
         print(json.dumps(timing, indent=2))
     else:
         from .pipeline import load
