@@ -3,7 +3,7 @@
     blip2lab caption IMAGE [IMAGE ...] [--model NAME_OR_PATH]
     blip2lab vqa IMAGE QUESTION [--model NAME_OR_PATH]
     blip2lab match IMAGE TEXT [--model NAME_OR_PATH] [--retrieval NAME_OR_PATH]
-    blip2lab shapes build [--preset default|shipped|quick|tiny] [--out runs/shapes] [--seed 0]
+    blip2lab shapes build [--preset default|shipped|quick|tiny] [--out runs/shapes] [--seed 0] [--jobs 2]
     blip2lab shapes pretrain-vision | pretrain-lm [--which opt,t5,bert]
     blip2lab shapes train stage1|stage2 [--llm opt|t5] [--stage1 DIR] [--preset ...]
     blip2lab shapes eval caption|vqa|retrieval --model DIR [--preset ...]
@@ -78,6 +78,8 @@ def _shapes_parser(sub) -> None:
 
     p = steps.add_parser("build", help="stage 1, stage 2 on OPT and T5, evaluation")
     p.add_argument("--out", default="runs/shapes")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="processes for the two stage-2 runs, splitting torch's threads (1: one after the other)")
     preset(p)
     backbones(p)
     p = steps.add_parser("pretrain-vision", help="pretrain the frozen ViT (models/backbones/vit)")
@@ -125,7 +127,7 @@ def _shapes(args: argparse.Namespace) -> None:
     progress = not args.quiet
     backbones = Path(args.backbones) if getattr(args, "backbones", None) else recipe.BACKBONES
     if cmd == "build":
-        report = recipe.build(args.out, preset, args.seed, backbones=backbones, progress=progress)
+        report = recipe.build(args.out, preset, args.seed, backbones=backbones, progress=progress, jobs=args.jobs)
         print(json.dumps({k: v for k, v in report.items() if k != "preset"}, indent=2, default=str))
     elif cmd == "train" and args.stage == "stage1":
         _, timing = recipe.train_stage1(args.out or "runs/shapes/stage1", preset, args.seed, backbones=backbones,

@@ -148,3 +148,20 @@ def test_loss_schedule_phases_losses_in(tmp_path):
     assert [r["itm_loss"] != "" for r in rows] == [False, False, True, True]
     with pytest.raises(ValueError, match="loss_schedule"):
         _cfg(loss_schedule=("mlm@3",))
+
+
+def test_bf16_on_the_cpu_follows_fp32_and_runs_the_math_attention_kernel():
+    from blip2lab.train import _accelerator, _autocast, native_bf16, resolve_precision
+
+    assert resolve_precision("auto") == ("bf16" if native_bf16() else "no")
+    assert resolve_precision("no") == "no" and resolve_precision("bf16") == "bf16"
+    cfg = _cfg(mixed_precision="bf16")
+    with _autocast(_accelerator(cfg), cfg):  # one process may switch precision between runs
+        # the CPU's flash kernel is 5x slower than fp32 in a bf16 backward pass (train._autocast)
+        assert torch.is_autocast_enabled("cpu") and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()
+    data = Toy()
+    fp32 = train(_model(dropout=0.0), BatchStream(data, 4, collate, seed=3), _cfg())
+    bf16 = train(_model(dropout=0.0), BatchStream(data, 4, collate, seed=3), _cfg(mixed_precision="bf16"))
+    assert [h["loss"] for h in bf16] == pytest.approx([h["loss"] for h in fp32], rel=0.02)
+    assert [h["loss"] for h in bf16] != [h["loss"] for h in fp32]  # autocast did run in bf16
