@@ -25,9 +25,15 @@ def itc_similarity(image_feats: Tensor, text_feat: Tensor, image_feats_all: Tens
     image_feats (B, Q, E) and text_feat (B, E) are this rank's (L2-normalised); the `_all`
     versions are gathered from every rank (W*B rows). Returns sim_i2t (B, W*B) and
     sim_t2i (B, W*B)."""
-    # (B, 1, Q, E) @ (W*B, E, 1) -> (B, W*B, Q, 1) -> max over queries -> (B, W*B)
-    sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_feat_all).amax(dim=-1) / temp
-    sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).amax(dim=-1) / temp
+    # In fp32 even under bf16 autocast: cosines over a temperature of ~0.07 span about +-14,
+    # where bf16 steps by 0.06, and the contrastive softmax would see those steps (a quick
+    # shapes stage 1 in bf16 ended with ITC 10% above fp32 when this ran in bf16).
+    with torch.autocast(image_feats.device.type, enabled=False):
+        image_feats, text_feat, image_feats_all, text_feat_all, temp = (
+            t.float() for t in (image_feats, text_feat, image_feats_all, text_feat_all, temp))
+        # (B, 1, Q, E) @ (W*B, E, 1) -> (B, W*B, Q, 1) -> max over queries -> (B, W*B)
+        sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_feat_all).amax(dim=-1) / temp
+        sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_feats_all).amax(dim=-1) / temp
     return sim_i2t, sim_t2i
 
 

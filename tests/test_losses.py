@@ -45,6 +45,18 @@ def test_itc_targets_follow_rank():
     assert L.itc_loss(sim, sim, rank=0, label_smoothing=0.0)["itc_loss"].item() > 5
 
 
+def test_itc_similarity_stays_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 3, 16, generator=g), dim=-1)  # (B, Q, E)
+    txt = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1)  # (B, E)
+    temp = torch.tensor(0.07)
+    expected = L.itc_similarity(img, txt, img, txt, temp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = L.itc_similarity(img, txt, img, txt, temp)
+    for e, o in zip(expected, got):
+        assert o.dtype == torch.float32 and torch.allclose(o, e, atol=1e-5)  # bf16 would be off by ~0.03
+
+
 def test_positive_pairs_diagonal_duplicates_and_image_ids():
     ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 5, 2], [1, 7, 2]])  # rows 0 and 2 share a caption
     pos = L.positive_pairs(ids, ids)
