@@ -91,7 +91,7 @@ def _accelerator(cfg: TrainConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
-def _autocast(accelerator, cfg: TrainConfig) -> ExitStack:
+def _autocast(accelerator) -> ExitStack:
     """accelerate's autocast for the forward pass; on the CPU in bf16 also the plain "math"
     attention kernel. The CPU's fused (flash) kernel runs bf16 attention at a fifth of its fp32
     speed in the backward pass (a shapes stage-2 step on OPT, one thread: fp32 162 ms, bf16
@@ -101,7 +101,7 @@ def _autocast(accelerator, cfg: TrainConfig) -> ExitStack:
 
     stack = ExitStack()
     stack.enter_context(accelerator.autocast())
-    if cfg.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack
 
@@ -321,7 +321,7 @@ def train(
                         step_seed(cfg.seed, step * cfg.grad_accum_steps + micro, accelerator.process_index) + 1)
                 if scheduled:
                     extra["losses"] = cfg.losses_at(step)
-                with _autocast(accelerator, cfg):
+                with _autocast(accelerator):
                     losses = wrapped(**batch, **loss_kwargs, **extra)
                 loss = total_loss(losses)
                 accelerator.backward(loss / cfg.grad_accum_steps)

@@ -156,7 +156,7 @@ def test_bf16_on_the_cpu_follows_fp32_and_runs_the_math_attention_kernel():
     assert resolve_precision("auto") == ("bf16" if native_bf16() else "no")
     assert resolve_precision("no") == "no" and resolve_precision("bf16") == "bf16"
     cfg = _cfg(mixed_precision="bf16")
-    with _autocast(_accelerator(cfg), cfg):  # one process may switch precision between runs
+    with _autocast(_accelerator(cfg)):  # one process may switch precision between runs
         # the CPU's flash kernel is 5x slower than fp32 in a bf16 backward pass (train._autocast)
         assert torch.is_autocast_enabled("cpu") and not torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()

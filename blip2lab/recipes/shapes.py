@@ -422,15 +422,17 @@ def build(out_root: str | Path, preset: ShapesPreset, seed: int = 0, backbones: 
     torch's threads: a stage-2 step of these tiny models is bound by per-op overhead, not by
     the matmuls, so two one-thread processes get through both runs in about half the wall
     time of one two-thread process running them in turn (stage 1's wider batch keeps both
-    threads busy, so it runs alone). The weights come out the same up to float rounding."""
+    threads busy, so it runs alone). Same seeds and data either way; with one thread instead
+    of two the float sums may round differently."""
     out = Path(out_root)
     report: dict = {"preset": asdict(preset), "seed": seed, "jobs": jobs}
     with Timer() as wall:
         stage1, report["stage1"] = train_stage1(out / "stage1", preset, seed, backbones, progress)
         report["stage1_eval"] = evaluate(stage1, preset, seed, tasks=("retrieval",))
         (out / "stage1" / "eval.json").write_text(json.dumps(report["stage1_eval"], indent=2) + "\n")
-        runs = [(out, kind, preset, seed, backbones, progress) for kind in ("opt", "t5")]
-        if jobs > 1:
+        parallel = jobs > 1  # two processes' progress bars would overwrite each other: a line per run instead
+        runs = [(out, kind, preset, seed, backbones, progress and not parallel) for kind in ("opt", "t5")]
+        if parallel:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
@@ -438,7 +440,7 @@ def build(out_root: str | Path, preset: ShapesPreset, seed: int = 0, backbones: 
             context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
             with ProcessPoolExecutor(len(runs), mp_context=context, initializer=torch.set_num_threads,
                                      initargs=(threads,)) as pool:
-                results = list(pool.map(_stage2_and_eval, [run[:-1] + (False,) for run in runs]))
+                results = list(pool.map(_stage2_and_eval, runs))
         else:
             results = [_stage2_and_eval(run) for run in runs]
         for kind, result in zip(("opt", "t5"), results):
