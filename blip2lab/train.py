@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import TrainConfig, save_json
 from .losses import total_loss
@@ -97,8 +98,6 @@ def _autocast(accelerator) -> ExitStack:
     speed in the backward pass (a shapes stage-2 step on OPT, one thread: fp32 162 ms, bf16
     with the flash kernel 142 ms, bf16 with the math kernel 95 ms; in fp32 the two kernels tie).
     The kernel chosen in the forward pass is the one its backward runs."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     stack = ExitStack()
     stack.enter_context(accelerator.autocast())
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
