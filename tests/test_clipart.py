@@ -2,6 +2,7 @@
 captions, duplicates, the fixed split and the images, on small slices."""
 
 import dataclasses
+import errno
 
 import numpy as np
 import pytest
@@ -79,6 +80,19 @@ def test_images_on_white_padded_square(tmp_path):
     assert cached.shape == (2, 32, 32, 3) and (tmp_path / "images_32.json").is_file()
     np.testing.assert_array_equal(cached[1], C.load_image(items[1], size=32))
     assert C.cache_images(items, tmp_path, size=32).filename == cached.filename  # reused, not rebuilt
+
+
+def test_a_full_disk_raises_instead_of_killing_the_process(tmp_path, monkeypatch):
+    # Writing into a sparse memory map on a full disk is a SIGBUS (it killed a CI run); the
+    # cache reserves its blocks first, so a full disk is an OSError that says so.
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C.os, "posix_fallocate", full, raising=False)
+    items = C.build_cliparts(ids=[COUCH])
+    with pytest.raises(OSError, match="no room for the image cache"):
+        C.cache_images(items, tmp_path, size=32)
+    assert not list(tmp_path.glob("*.npy"))  # no half-written cache left behind
 
 
 def test_statistics_of_a_slice():

@@ -207,7 +207,7 @@ def test_evaluation_on_a_slice_and_its_reevaluation(built, shipped):
     assert {"Bleu_4", "CIDEr", "ROUGE_L"} <= set(caption["vs_names"]) and "METEOR" not in caption["vs_names"]
     assert len(caption["captions"]) == n
     (built.folder / "eval.json").write_text(json.dumps(results))
-    saved, fresh = R.reevaluate_slice(built.folder, built.preset, built.out)
+    saved, fresh = R.reevaluate_slice(built.folder, built.preset)
     assert len(saved["ids"]) == built.preset.n_slice
     assert fresh == saved  # the folder reproduces its JSON
 

@@ -39,9 +39,11 @@ Shapes: n items, S image side.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import re
 import struct
 import subprocess
@@ -309,6 +311,23 @@ def load_image(item: Clipart, size: int = 224, root: str | Path = ROOT) -> np.nd
     return np.asarray(canvas.convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
 
 
+def _reserve_disk(path: Path) -> None:
+    """Give the (sparse) memory-mapped file its blocks now. Otherwise a disk that fills up
+    while the images are written kills the process with SIGBUS (a page of the map with no
+    block to go to) instead of raising an error that says what happened."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: no such call; the map stays sparse
+        return
+    with path.open("r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise OSError(e.errno, f"no room for the image cache {path} ({path.stat().st_size / 2**20:.0f} MiB): "
+                                       "free some disk or pass a smaller `size`") from e
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate: stay sparse
+                raise
+
+
 def cache_images(items: Sequence[Clipart], out_dir: str | Path = "runs/clipart", size: int = 224,
                  root: str | Path = ROOT) -> np.ndarray:
     """Every item's image as one uint8 array (n, S, S, 3), stored as `images_{S}.npy` with
@@ -322,6 +341,12 @@ def cache_images(items: Sequence[Clipart], out_dir: str | Path = "runs/clipart",
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"images_{size}.tmp.npy"
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), size, size, 3))
+    try:
+        _reserve_disk(tmp)
+    except OSError:
+        del array
+        tmp.unlink()
+        raise
     for i, item in enumerate(items):
         array[i] = load_image(item, size, root)
     array.flush()
