@@ -95,32 +95,8 @@ def attention_mask(mode: Literal["itc", "itm", "itg"], num_queries: int, text_ma
 
 
 # ---------------------------------------------------------------------------------------
-# Building blocks: dropout, post-LN attention and feed-forward (BERT's layout)
+# Building blocks: post-LN attention and feed-forward (BERT's layout)
 # ---------------------------------------------------------------------------------------
-
-
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """F.dropout, with the mask drawn 4x faster on the CPU.
-
-    torch's CPU dropout draws one Bernoulli float per element (4-8 ns each): 18% of a bf16
-    stage-1 step. Here 16 random bits per element come four to an int64 from the same
-    generator, and an element is dropped when its bits fall below round(p * 2^16): the drop
-    rate is p to within 2^-17 (0.1 -> 0.100006), the kept values scaled by 1 / (1 - p) as
-    torch does. Other devices keep torch's fused kernel."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
-    keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= round(p * 65536) - 32768  # int16 in [-2^15, 2^15)
-    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout through `dropout` above (same module and state-dict layout)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return dropout(x, self.p, self.training)
 
 
 class Attention(nn.Module):
@@ -143,7 +119,7 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.dropout = Dropout(cfg.hidden_dropout)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.attn_dropout = cfg.attention_dropout
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -173,16 +149,14 @@ class Attention(nn.Module):
         attn_mask = None if mask is None else mask[:, None]  # (B, 1, L, P + S) broadcast over heads
         dropout_p = self.attn_dropout if self.training else 0.0
         probs = None
-        if need_probs or (dropout_p > 0 and q.device.type == "cpu"):
+        if need_probs:
             # The explicit path: attention maps (and their gradients, for Grad-CAM) need the
-            # probabilities themselves, which the fused kernel never materialises. Training on
-            # the CPU takes it too: there SDPA falls back to the same math (its fused kernel
-            # has no dropout), but in fp32 under bf16 autocast and with torch's slow mask.
+            # probabilities themselves, which the fused kernel never materialises.
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, L, P + S)
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
             probs = scores.softmax(dim=-1)
-            ctx = dropout(probs, dropout_p, self.training) @ v  # (B, H, L, hd)
+            ctx = F.dropout(probs, dropout_p, self.training) @ v  # (B, H, L, hd)
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         ctx = ctx.transpose(1, 2).flatten(2)  # (B, L, D)
@@ -197,7 +171,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.dropout = Dropout(cfg.hidden_dropout)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
@@ -281,7 +255,7 @@ class QFormer(nn.Module):
             self.word_embeddings = nn.Embedding(cfg.vocab_size, D, padding_idx=cfg.pad_token_id)
             self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, D)
         self.layernorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)  # over [queries ; text] embeddings
-        self.dropout = Dropout(cfg.hidden_dropout)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(
             [QFormerLayer(cfg, vision_width, cfg.has_cross_attention(i)) for i in range(cfg.num_layers)]
         )

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from blip2lab.config import QFormerConfig
-from blip2lab.qformer import Attention, QFormer, attention_mask, dropout
+from blip2lab.qformer import QFormer, attention_mask
 from conftest import tiny_config, random_text, DEC
 
 # Two queries, three text tokens of which the last is padding: [q0 q1 | t0 t1 t2=pad].
@@ -138,42 +137,3 @@ def test_bad_ids_and_empty_batch(gen):
         qf.encode_text(long_ids, torch.ones_like(long_ids))
     with pytest.raises(ValueError, match="empty batch"):
         qf.encode_queries(torch.zeros(0, 17, cfg.vision.width))
-
-
-def test_dropout_drops_p_of_the_elements_and_scales_the_rest():
-    torch.manual_seed(0)
-    x = torch.ones(3, 5, 7, 1000, requires_grad=True)  # 105,000 elements, not a multiple of 4 per row
-    y = dropout(x, 0.1, training=True)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.003  # p to within sampling noise (sd 0.001)
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, y.detach())  # gradient: the mask times 1 / (1 - p)
-    torch.manual_seed(0)
-    assert torch.equal(dropout(x.detach(), 0.1, True), y.detach())  # the seed decides the mask
-    assert not torch.equal(dropout(x.detach(), 0.1, True), y.detach())  # and each call draws anew
-    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
-    half = dropout(torch.ones(1000, dtype=torch.bfloat16), 0.5, True)
-    assert half.dtype == torch.bfloat16 and set(half.unique().tolist()) == {0.0, 2.0}
-    assert 0.45 < (half == 0).float().mean() < 0.55
-
-
-def test_attention_dropout_on_the_cpu_training_path_is_unbiased():
-    """Training on the CPU runs attention explicitly with `dropout` on the probabilities;
-    averaged over many masks the attention output is the eval-mode one (and each draw is
-    not: the masks are there)."""
-    torch.manual_seed(0)
-    cfg = QFormerConfig(hidden_size=16, num_heads=2, hidden_dropout=0.0, attention_dropout=0.5)
-    attn = Attention(16, 16, 2, cfg)
-    seen = []
-    attn.out.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # ctx (B, L, D), before out
-    x = torch.randn(1, 6, 16).expand(8000, -1, -1)  # one sequence, 8,000 independent masks
-    mask = torch.ones(8000, 6, 6, dtype=torch.bool).tril()
-    with torch.no_grad():
-        attn.eval()
-        attn(x[:1], mask=mask[:1])
-        attn.train()
-        attn(x, mask=mask)
-    eval_ctx, train_ctx = seen
-    assert (train_ctx - eval_ctx).abs().amax() > 0.1  # single draws differ
-    torch.testing.assert_close(train_ctx.mean(0, keepdim=True), eval_ctx, atol=0.02, rtol=0)
