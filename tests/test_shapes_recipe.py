@@ -85,14 +85,15 @@ def test_preset_overrides_are_checked():
 def test_shipped_preset_is_what_the_shipped_models_recorded_and_quick_is_it_shorter():
     # scripts/ship_shapes.sh trains with `--preset shipped` (T5's stage 2 with more steps);
     # every field but the name equals models/shapes-opt's recorded preset. `--preset quick`
-    # is that recipe on a smaller budget: every other field equal.
+    # is that recipe on a smaller budget (fewer steps and scenes, a higher stage-1 lr for the
+    # shorter run, bf16): every other field equal.
     recorded = json.loads((recipe.BACKBONES.parent / "shapes-opt" / "recipe.json").read_text())["preset"]
     recorded.setdefault("precision", "no")  # recorded before the field existed: they trained in fp32
     shipped = dataclasses.asdict(recipe.PRESETS["shipped"])
     assert {k: v for k, v in shipped.items() if k != "name"} == {
         k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k != "name"}
     quick = dataclasses.asdict(recipe.PRESETS["quick"])
-    budgets = {"name", "n_train", "stage1_steps", "stage2_steps", "precision"}
+    budgets = {"name", "n_train", "stage1_steps", "stage1_lr", "stage2_steps", "precision"}
     assert {k: v for k, v in quick.items() if k not in budgets} == {k: v for k, v in shipped.items() if k not in budgets}
     assert quick["stage1_steps"] < shipped["stage1_steps"] and quick["stage2_steps"] < shipped["stage2_steps"]
     assert quick["n_train"] < shipped["n_train"]
