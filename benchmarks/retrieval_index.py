@@ -18,6 +18,10 @@ Two kinds of data, reported apart:
   spectrum, what a model of natural images may well look like): the index is exact on both,
   and fast only where the energy sits in a few directions. Which applies to a real BLIP-2
   checkpoint is for a run on its embeddings to say.
+- "minireal" (`--only minireal`, not part of "all"): the shipped mini-real model's embeddings
+  (real EfficientNet-Lite0 and MiniLM backbones) of the ~5k cliparts and their titles: too
+  few for scale, but the nearest thing to real BLIP-2 embeddings offline, so its `structure`
+  (how much energy the sketch holds) says which synthetic spectrum real models resemble.
 
 Each search is checked against the full matmul: a valid top k (its scores are the full
 matmul's k best within 1e-6) for blip2lab.index and FAISS alike, and for blip2lab.index how
@@ -194,6 +198,29 @@ def build_shapes(pipe, n_images: int, batch_size: int = 256) -> tuple[ImageIndex
     return images, TextIndex(folder / "texts"), scenes, times
 
 
+def build_minireal(pipe, batch_size: int = 64) -> tuple[ImageIndex, TextIndex, list, dict]:
+    """Real embeddings from real backbones (cached): the shipped mini-real model (EfficientNet-
+    Lite0 + MiniLM + a Q-Former trained here) over every clipart of Debian's Open Clip Art, and
+    their titles (`name`). About 8k images: a check of the embeddings' structure, not of scale."""
+    from blip2lab.data import clipart
+    from blip2lab.index import build_image_index, build_text_index
+
+    folder = CACHE / "minireal"
+    times = _load_times(folder)
+    items = clipart.build_cliparts()
+    cache = clipart.cache_images(items, ROOT / "runs" / "clipart")  # (n, 224, 224, 3) uint8, memory-mapped
+    row = {it.id: i for i, it in enumerate(items)}
+    start = time.perf_counter()
+    images = build_image_index(pipe, [it.id for it in items], folder / "images", batch_size=batch_size,
+                               load_images=lambda keys: [np.array(cache[row[k]]) for k in keys])
+    times.setdefault("images_s", time.perf_counter() - start)
+    start = time.perf_counter()
+    texts = build_text_index(pipe, [it.name for it in items], folder / "texts")
+    times.setdefault("texts_s", time.perf_counter() - start)
+    _save_times(folder, times)
+    return images, texts, items, times
+
+
 def render(scenes: list, keys: list[str]) -> np.ndarray:
     from blip2lab.data import shapes
 
@@ -361,6 +388,31 @@ def run_shapes(args) -> dict:
     return out
 
 
+def run_minireal(args) -> dict:
+    import blip2lab
+
+    pipe = blip2lab.load("mini-real")
+    images, texts, items, times = build_minireal(pipe)
+    info = sizes(images, texts, times)
+    print(f"mini-real (real backbones, cliparts): {info}", flush=True)
+    if args.build_only:
+        return info
+    picks = np.random.default_rng(0).choice(len(images), args.queries, replace=False)
+    text_queries = [np.asarray(texts.embeddings[i], dtype=np.float32) for i in picks]  # the title of image i
+    image_queries = [np.asarray(images.embeddings[i], dtype=np.float32) for i in picks]  # (Q, E)
+    out = {"data": "mini-real real embeddings (cliparts and their titles)", **info,
+           "structure": structure(images, text_queries)}
+    print(f"  structure: {out['structure']}", flush=True)
+    fa = Faiss(images, args.threads)
+    out["text_to_image"] = compare("text -> image", text_queries, images, lambda q: fa.text_to_image(q, 10), 10)
+    fa.free()
+    fa = Faiss(texts, args.threads)
+    out["image_to_text"] = compare("image -> text", image_queries, texts,
+                                   lambda q: fa.image_to_text(q, 10, texts.embeddings), 10)
+    fa.free()
+    return out
+
+
 def time_rerank(pipe, images: ImageIndex, texts: TextIndex, scenes: list, picks: np.ndarray) -> dict:
     """search_text / search_image with and without the ITM re-rank of the top 16 (the text
     encoder, or the image tower, runs in both)."""
@@ -413,7 +465,8 @@ def run_synthetic(args, name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["all", "shapes", "synthetic"], default="all")
+    parser.add_argument("--only", choices=["all", "shapes", "synthetic", "minireal"], default="all",
+                        help="all: shapes and synthetic at gallery scale; minireal (8k real cliparts) only on request")
     parser.add_argument("--synthetic", default="lowrank,fullrank", help="which synthetic spectra, comma-separated")
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--texts", type=int, default=500_000, help="synthetic captions (shapes: one per image)")
@@ -430,6 +483,8 @@ def main() -> None:
     start = time.perf_counter()
     if args.only in ("all", "shapes"):
         results["results"]["shapes"] = run_shapes(args)
+    if args.only == "minireal":
+        results["results"]["minireal"] = run_minireal(args)
     if args.only in ("all", "synthetic"):
         for name in args.synthetic.split(","):
             results["results"][f"synthetic-{name}"] = run_synthetic(args, name)
