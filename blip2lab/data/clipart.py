@@ -332,7 +332,7 @@ def cache_images(items: Sequence[Clipart], out_dir: str | Path = "runs/clipart",
                  root: str | Path = ROOT) -> np.ndarray:
     """Every item's image as one uint8 array (n, S, S, 3), stored as `images_{S}.npy` with
     the item ids beside it (`images_{S}.json`) and reused when the ids match. Memory-mapped
-    on reuse (8,121 images at 224 px: 1.2 GB)."""
+    on reuse (the 5,094 items `build_cliparts` keeps of 8,121 files, at 224 px: 767 MB)."""
     out = Path(out_dir)
     file, index = out / f"images_{size}.npy", out / f"images_{size}.json"
     ids = [it.id for it in items]

@@ -525,7 +525,7 @@ def evaluate_folder(folder: str | Path, preset: MiniRealPreset, out: Optional[st
 
 def reevaluate_slice(folder: str | Path, preset: MiniRealPreset) -> tuple[dict, dict]:
     """(the slice in `folder`'s eval.json, the same slice evaluated afresh from the folder).
-    Only the slice's few images are decoded, not the whole dataset's cache (1.2 GB at 224 px
+    Only the slice's few images are decoded, not the whole dataset's cache (767 MB at 224 px
     for the default preset: a check that a folder reproduces its JSON needs neither the time
     nor the disk)."""
     folder = Path(folder)
