@@ -51,12 +51,13 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 from .gallery import Hit
 
@@ -158,7 +159,8 @@ class _Index:
     def full_scan(self, query: np.ndarray) -> np.ndarray:
         """Every item's exact score, reading the whole memmap in order: the plain full matmul. (len,)"""
         step = max(1, SCAN_VECTORS // self.rows_per_item)
-        return np.concatenate([self._scores(query, self.embeddings[s:s + step]) for s in range(0, len(self), step)])
+        with _one_blas_thread():
+            return np.concatenate([self._scores(query, self.embeddings[s:s + step]) for s in range(0, len(self), step)])
 
     def _scores(self, query: np.ndarray, half: np.ndarray) -> np.ndarray:
         """query (P, E), half (c, R, E) or (c, E) fp16 -> (c,) max over (p, r)."""
@@ -170,9 +172,10 @@ class _Index:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(k, len(self))
-        bounds = self.upper_bounds(query)  # (n,)
-        idx, scores, evaluated = _bounded_top_k(bounds, lambda i: self.exact_scores(query, i), k,
-                                                lambda: self.full_scan(query))
+        with _one_blas_thread():
+            bounds = self.upper_bounds(query)  # (n,)
+            idx, scores, evaluated = _bounded_top_k(bounds, lambda i: self.exact_scores(query, i), k,
+                                                    lambda: self.full_scan(query))
         item_bytes = self.rows_per_item * self.dim * self.embeddings.itemsize
         return SearchResult(idx, scores, evaluated, len(self), evaluated * item_bytes, self.sketch.nbytes)
 
@@ -273,6 +276,21 @@ def _as_query(query: np.ndarray | torch.Tensor, dim: int) -> np.ndarray:
     if not np.isfinite(q).all():
         raise ValueError("query holds NaN or inf")
     return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def _one_blas_thread():
+    """numpy's BLAS on one thread for a search. A scan alternates torch's fp16 -> fp32 (its
+    OpenMP threads) with numpy's matmul (OpenBLAS's threads); with both pools at 2 threads on
+    2 cores each spun on the cores the other needed, and a 100k-image full scan took 12.9 s
+    instead of 0.2 s (benchmarks/README.md). Small matmuls: one thread loses little. The limit
+    is process-wide while a search runs (two overlapping searches may leave it at one)."""
+    return _threadpools().limit(limits=1, user_api="blas")
+
+
+@cache
+def _threadpools() -> ThreadpoolController:
+    """The process's thread pools, found once (a fresh lookup walks every loaded library: ms)."""
+    return ThreadpoolController()
 
 
 def _fp32(half: np.ndarray) -> np.ndarray:

@@ -90,6 +90,28 @@ def test_image_to_text_is_the_full_matmul(tmp_path, data):
         assert found.evaluated < K / 10
 
 
+def test_searches_run_numpy_blas_on_one_thread_and_restore_it(tmp_path, monkeypatch):
+    # torch's OpenMP threads (fp16 -> fp32) and OpenBLAS's (the matmul) alternate in a scan;
+    # both at 2 threads on 2 cores made a 100k full scan 50x slower. BLAS runs on one thread
+    # during a search, and the caller's setting comes back after it.
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    idx = _index(tmp_path, "images", _structured(64, 4, 32, rank=4, seed=0))
+    seen = []
+    scores = idx._scores
+    monkeypatch.setattr(idx, "_scores", lambda q, half: (seen.append(blas_threads()), scores(q, half))[1])
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        query = _unit(np.random.default_rng(1).standard_normal(32)).astype(np.float32)
+        idx.search(query, k=3)
+        idx.full_scan(query[None])
+        assert seen and all(s == {1} for s in seen)
+        assert blas_threads() == before
+
+
 def test_duplicates_all_come_back_ordered_by_score_then_index(tmp_path):
     g = np.random.default_rng(3)
     z = _structured(50, 4, 32, rank=4, seed=3)
