@@ -337,6 +337,19 @@ def compare(label: str, queries: list[np.ndarray], index, faiss_search, k: int) 
     return out
 
 
+def compare_both(images: ImageIndex, texts: TextIndex, text_queries: list[np.ndarray],
+                 image_queries: list[np.ndarray], threads: int, k: int = 10) -> dict:
+    """`compare` both ways, each against its own FAISS copy (freed before the next is built)."""
+    fa = Faiss(images, threads)
+    out = {"text_to_image": compare("text -> image", text_queries, images, lambda q: fa.text_to_image(q, k), k)}
+    fa.free()
+    fa = Faiss(texts, threads)
+    out["image_to_text"] = compare("image -> text", image_queries, texts,
+                                   lambda q: fa.image_to_text(q, k, texts.embeddings), k)
+    fa.free()
+    return out
+
+
 def structure(images: ImageIndex, text_queries: list[np.ndarray]) -> dict:
     """What makes the data easy or hard, to compare synthetic with real: cosines between an
     image's queries and between one query position's outputs for two images, the spread of
@@ -377,13 +390,7 @@ def run_shapes(args) -> dict:
     image_queries = [np.asarray(images.embeddings[i], dtype=np.float32) for i in picks]  # (Q, E)
     out = {"data": "shapes-stage1 real embeddings", **info, "structure": structure(images, text_queries)}
     print(f"  structure: {out['structure']}", flush=True)
-    fa = Faiss(images, args.threads)
-    out["text_to_image"] = compare("text -> image", text_queries, images, lambda q: fa.text_to_image(q, 10), 10)
-    fa.free()
-    fa = Faiss(texts, args.threads)
-    out["image_to_text"] = compare("image -> text", image_queries, texts,
-                                   lambda q: fa.image_to_text(q, 10, texts.embeddings), 10)
-    fa.free()
+    out |= compare_both(images, texts, text_queries, image_queries, args.threads)
     out["itm_rerank"] = time_rerank(pipe, images, texts, scenes, picks[:10])
     return out
 
@@ -403,13 +410,7 @@ def run_minireal(args) -> dict:
     out = {"data": "mini-real real embeddings (cliparts and their titles)", **info,
            "structure": structure(images, text_queries)}
     print(f"  structure: {out['structure']}", flush=True)
-    fa = Faiss(images, args.threads)
-    out["text_to_image"] = compare("text -> image", text_queries, images, lambda q: fa.text_to_image(q, 10), 10)
-    fa.free()
-    fa = Faiss(texts, args.threads)
-    out["image_to_text"] = compare("image -> text", image_queries, texts,
-                                   lambda q: fa.image_to_text(q, 10, texts.embeddings), 10)
-    fa.free()
+    out |= compare_both(images, texts, text_queries, image_queries, args.threads)
     return out
 
 
@@ -452,14 +453,7 @@ def run_synthetic(args, name: str) -> dict:
     image_queries = [np.asarray(images.embeddings[i], dtype=np.float32) for i in picks]
     out = {"data": f"synthetic {name}: {SYNTHETIC[name]}", **info, "structure": structure(images, text_queries)}
     print(f"  structure: {out['structure']}", flush=True)
-    fa = Faiss(images, args.threads)
-    out["text_to_image"] = compare("text -> image", text_queries, images, lambda q: fa.text_to_image(q, 10), 10)
-    fa.free()
-    del fa
-    fa = Faiss(texts, args.threads)
-    out["image_to_text"] = compare("image -> text", image_queries, texts,
-                                   lambda q: fa.image_to_text(q, 10, texts.embeddings), 10)
-    fa.free()
+    out |= compare_both(images, texts, text_queries, image_queries, args.threads)
     return out
 
 
