@@ -66,7 +66,7 @@ def _shapes_parser(sub) -> None:
 
     def preset(p: argparse.ArgumentParser) -> None:
         p.add_argument("--preset", default="default",
-                       help="tiny (about a minute), quick (about 8 minutes on 2 cores, in bf16 where the CPU has it), "
+                       help="tiny (about a minute), quick (about 9 minutes on 2 cores, in bf16 where the CPU has it), "
                             "default, or shipped (the shipped models' recipe, about 90 min)")
         p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override preset fields")
         p.add_argument("--seed", type=int, default=0)

@@ -26,8 +26,9 @@ def itc_similarity(image_feats: Tensor, text_feat: Tensor, image_feats_all: Tens
     versions are gathered from every rank (W*B rows). Returns sim_i2t (B, W*B) and
     sim_t2i (B, W*B)."""
     # In fp32 even under bf16 autocast: cosines over a temperature of ~0.07 span about +-14,
-    # where bf16 steps by 0.06, and the contrastive softmax would see those steps (a quick
-    # shapes stage 1 in bf16 ended with ITC 10% above fp32 when this ran in bf16).
+    # where bf16 steps by 0.06, and the contrastive softmax would see those steps
+    # (tests/test_losses.py measures the error; one quick shapes stage 1 with this in bf16
+    # ended with ITC 10% above fp32, but runs of the same code differ by as much across seeds).
     with torch.autocast(image_feats.device.type, enabled=False):
         image_feats, text_feat, image_feats_all, text_feat_all, temp = (
             t.float() for t in (image_feats, text_feat, image_feats_all, text_feat_all, temp))
