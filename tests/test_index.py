@@ -90,6 +90,45 @@ def test_image_to_text_is_the_full_matmul(tmp_path, data):
         assert found.evaluated < K / 10
 
 
+@pytest.mark.parametrize("kind", ["images", "texts"])
+def test_the_sequential_pass_keeps_every_item_its_fast_score_could_hide(tmp_path, monkeypatch, kind):
+    # Full-rank vectors: the bound prunes nothing and the search makes one pass, which scores
+    # every item fast (within err), then exactly those within 2 err of the k-th fast score.
+    # Fast scores off by up to err in the worst direction (the top items pushed down, the
+    # rest up) must still give the exact top k.
+    g = np.random.default_rng(6)
+    shape = (4000, 8, 64) if kind == "images" else (20000, 64)
+    idx = _index(tmp_path, kind, _unit(g.standard_normal(shape)), sketch_dim=4)
+    queries = _unit(g.standard_normal((4, 64))) if kind == "images" else _unit(g.standard_normal((4, 8, 64)))
+    for query in queries:
+        q = np.atleast_2d(query)
+        exact = _brute(idx.embeddings, query)
+        fast, err = idx._fast_scores(q)
+        assert np.abs(fast - exact).max() <= err
+        found = idx.search(query, 10)
+        assert found.evaluated == len(idx)  # the pass, not the bound
+        _assert_top_k(found, exact, 10)
+        kth = np.sort(exact)[-10]
+        skewed = np.where(exact >= kth, exact - err, exact + err).astype(np.float32)
+        monkeypatch.setattr(idx, "_fast_scores", lambda q, skewed=skewed, err=err: (skewed, err))
+        _assert_top_k(idx.search(query, 10), exact, 10)
+        monkeypatch.undo()
+
+
+def test_an_fp16_kernel_that_rounds_its_sums_falls_back_to_fp32(tmp_path, monkeypatch):
+    g = np.random.default_rng(7)
+    images = _index(tmp_path, "images", _unit(g.standard_normal((2000, 8, 64))), sketch_dim=4)
+    t = _unit(g.standard_normal(64))
+    assert ix._fp16_matvec_error(64) < 5e-4  # torch's CPU kernel accumulates in fp32
+    fast, err = images._fast_scores(t[None])
+    assert err > 1e-3 and not np.array_equal(fast, _brute(images.embeddings, t))  # fp16 results
+    monkeypatch.setattr(ix, "_fp16_matvec_error", lambda dim: 1.0)
+    fast, err = images._fast_scores(t[None])
+    np.testing.assert_allclose(fast, _brute(images.embeddings, t), atol=1e-6)
+    assert err < 1e-4
+    _assert_top_k(images.search(t, 10), _brute(images.embeddings, t), 10)
+
+
 def test_searches_run_numpy_blas_on_one_thread_and_restore_it(tmp_path, monkeypatch):
     # torch's OpenMP threads (fp16 -> fp32) and OpenBLAS's (the matmul) alternate in a scan;
     # both at 2 threads on 2 cores made a 100k full scan 50x slower. BLAS runs on one thread
