@@ -115,6 +115,22 @@ def test_the_sequential_pass_keeps_every_item_its_fast_score_could_hide(tmp_path
         monkeypatch.undo()
 
 
+def test_a_bound_that_never_prunes_is_skipped_and_retried(tmp_path):
+    g = np.random.default_rng(8)
+    images = _index(tmp_path, "images", _unit(g.standard_normal((3000, 8, 64))), sketch_dim=4)
+    texts = _unit(g.standard_normal((ix.SKIP_BOUND_AFTER + ix.RETRY_BOUND + 2, 64)))
+    used_bound = []
+    for t in texts:
+        found = images.search(t, 10)
+        _assert_top_k(found, _brute(images.embeddings, t), 10)
+        used_bound.append(found.sketch_bytes > 0)
+    n, r = ix.SKIP_BOUND_AFTER, ix.RETRY_BOUND
+    assert used_bound == [True] * n + [False] * r + [True] + [False]  # tried again once, still no use
+    structured = _index(tmp_path, "images", _structured(3000, 8, 64, rank=6, seed=1), name="s", sketch_dim=8)
+    for t in texts[:n + 2]:  # where the bound prunes it stays in use
+        assert structured.search(structured.embeddings[0, 0].astype(np.float32) + 0.01 * t, 10).sketch_bytes > 0
+
+
 def test_an_fp16_kernel_that_rounds_its_sums_falls_back_to_fp32(tmp_path, monkeypatch):
     g = np.random.default_rng(7)
     images = _index(tmp_path, "images", _unit(g.standard_normal((2000, 8, 64))), sketch_dim=4)
