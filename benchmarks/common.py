@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
 import statistics
 import time
 from typing import Callable
@@ -41,3 +44,34 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 10,
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+# -- CPU memory (Linux /proc) ------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Start the process's peak RSS afresh (Linux), so what came before is not counted."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def peak_rss_added(fn: Callable[[], object]) -> int:
+    """Bytes the process's peak RSS rose above its RSS just before one call of fn: that
+    call's working memory. Freed memory is first handed back to the system (malloc_trim), so
+    what an earlier call left in the allocator's free lists does not hide this one's."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = rss_bytes()
+    reset_peak_rss()
+    fn()
+    return peak_rss_bytes() - before

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians  # noqa: E402
+from common import interleaved_medians, peak_rss_added  # noqa: E402
 
 SIZES = {
     # vision (width, layers, heads, mlp, image, patch), qformer (width, layers, heads), text config
@@ -121,10 +121,15 @@ def main() -> None:
                "device": args.device, "dtype": args.dtype, "identical": same,
                "transformers_img_per_s": B / times["transformers"], "blip2lab_img_per_s": B / times["blip2lab"],
                "ratio": times["transformers"] / times["blip2lab"]}
+        if args.device == "cpu":  # the CUDA peaks are gpu.py's
+            row |= {f"{who}_peak_rss_added_bytes": peak_rss_added(fn) for who, fn in
+                    (("transformers", run_hf), ("blip2lab", run_ours))}
         results.append(row)
+        mem = (f", peak RSS added per call: transformers {row['transformers_peak_rss_added_bytes'] / 2**20:.1f} MB, "
+               f"blip2lab {row['blip2lab_peak_rss_added_bytes'] / 2**20:.1f} MB") if args.device == "cpu" else ""
         print(f"{strategy:6s} {args.size} batch {B}, {L} new tokens, {args.device} {args.dtype}: "
               f"transformers {row['transformers_img_per_s']:7.1f} img/s, blip2lab {row['blip2lab_img_per_s']:7.1f} img/s, "
-              f"ratio {row['ratio']:.2f}x, outputs identical: {same}")
+              f"ratio {row['ratio']:.2f}x, outputs identical: {same}{mem}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if not all(r["identical"] for r in results):

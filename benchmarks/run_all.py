@@ -47,9 +47,16 @@ def _rate(x: float, unit: str) -> str:
 
 
 def rows_generate(result: list) -> list[Row]:
-    return [Row(f"{r['benchmark']} ({r['size']}, batch {r['batch']}, {r['new_tokens']} tokens, {r['device']})",
-                _rate(r["blip2lab_img_per_s"], "img/s"), "transformers " + _rate(r["transformers_img_per_s"], "img/s"),
-                f"{r['ratio']:.2f}x", "identical" if r["identical"] else "DIFFERENT") for r in result]
+    rows = []
+    for r in result:
+        rows.append(Row(f"{r['benchmark']} ({r['size']}, batch {r['batch']}, {r['new_tokens']} tokens, {r['device']})",
+                        _rate(r["blip2lab_img_per_s"], "img/s"),
+                        "transformers " + _rate(r["transformers_img_per_s"], "img/s"),
+                        f"{r['ratio']:.2f}x", "identical" if r["identical"] else "DIFFERENT"))
+        if "blip2lab_peak_rss_added_bytes" in r:
+            rows.append(Row("  peak RSS added by one call", f"{r['blip2lab_peak_rss_added_bytes'] / 2**20:,.1f} MB",
+                            f"transformers {r['transformers_peak_rss_added_bytes'] / 2**20:,.1f} MB", "", ""))
+    return rows
 
 
 def rows_qformer(r: dict) -> list[Row]:

@@ -225,22 +225,6 @@ def _train_config(spec: Spec) -> TrainConfig:
                        batch_size=spec.batch, mixed_precision=spec.precision, seed=spec.seed, out_dir="")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> None:
-    """Start the process's peak RSS afresh (Linux), so building the model is not counted."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def saved_activation_bytes(step_model, batch: dict, **kwargs) -> int:
     """Bytes of the tensors one forward keeps for its backward (distinct storages), counted
     by saved-tensor hooks: the activation memory, whatever the allocator does."""
@@ -274,8 +258,8 @@ def run_contender(spec: Spec) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    _reset_peak_rss()
-    rss_before = _rss_bytes()
+    reset_peak_rss()
+    rss_before = rss_bytes()
     stamps = [time.perf_counter()]
     history = train(step_model, stream, cfg, on_step=lambda step, logs: stamps.append(time.perf_counter()))
     step_s = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -283,7 +267,7 @@ def run_contender(spec: Spec) -> dict:
         "contender": spec.contender,
         "step_s": statistics.median(step_s[spec.warmup:] or step_s),
         "step_s_all": step_s,
-        "peak_rss_bytes": _peak_rss_bytes(),  # since just before training
+        "peak_rss_bytes": peakrss_bytes(),  # since just before training
         "rss_before_train_bytes": rss_before,
         "curve": [{k: v for k, v in h.items() if k.endswith("_loss") or k == "loss"} for h in history],
     }
