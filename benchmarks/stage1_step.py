@@ -60,6 +60,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # lavis_style beside it; blip2lab from the checkout if not installed
+from common import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 from lavis_style import LavisStyleStage1  # noqa: E402
 
 from blip2lab.blip2 import Blip2  # noqa: E402
@@ -267,7 +268,7 @@ def run_contender(spec: Spec) -> dict:
         "contender": spec.contender,
         "step_s": statistics.median(step_s[spec.warmup:] or step_s),
         "step_s_all": step_s,
-        "peak_rss_bytes": peakrss_bytes(),  # since just before training
+        "peak_rss_bytes": peak_rss_bytes(),  # since just before training
         "rss_before_train_bytes": rss_before,
         "curve": [{k: v for k, v in h.items() if k.endswith("_loss") or k == "loss"} for h in history],
     }
