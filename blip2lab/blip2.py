@@ -36,7 +36,7 @@ class ImageFeatures:
 
 @dataclass
 class TextFeatures:
-    hidden: Tensor  # (B, T, D_q)
+    hidden: Tensor  # (B, 1, D_q): the [CLS] row's output (the last layer computes no other)
     proj: Tensor  # (B, E) L2-normalised [CLS] projection
 
 
@@ -113,12 +113,13 @@ class Blip2(nn.Module):
 
     def text_features(self, text_ids: Tensor, text_mask: Tensor) -> TextFeatures:
         """Unimodal text pass -> hidden states and the projected [CLS] feature."""
-        hidden = self.qformer.encode_text(text_ids, text_mask)  # (B, T, D_q)
+        hidden = self.qformer.encode_text(text_ids, text_mask, keep=1)  # (B, 1, D_q): [CLS]
         return TextFeatures(hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1))
 
     def multimodal_features(self, image: Tensor | ImageKV, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """The ITM-style joint pass: query outputs that have seen the text, (B, Q, D_q)."""
-        return self.qformer.encode_joint(image, text_ids, text_mask, "itm").hidden[:, : self.config.qformer.num_queries]
+        Q = self.config.qformer.num_queries
+        return self.qformer.encode_joint(image, text_ids, text_mask, "itm", keep=Q).hidden  # the query rows
 
     def itm_logits(self, image: Tensor | ImageKV, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """ITM head over each query output, mean over queries: (B, 2), index 1 = match."""
@@ -194,7 +195,8 @@ class Blip2(nn.Module):
             return self.qformer.encode_queries(image).hidden
         if not self.config.qformer_question:
             raise ValueError("question_ids given but qformer_question is off in this model's config")
-        return self.qformer.encode_joint(image, question_ids, question_mask, "itm").hidden[:, : self.config.qformer.num_queries]
+        Q = self.config.qformer.num_queries
+        return self.qformer.encode_joint(image, question_ids, question_mask, "itm", keep=Q).hidden  # the query rows
 
     def _stage2(self, image: Tensor, llm_ids: Tensor, llm_mask: Tensor, llm_labels: Tensor,
                 llm_target_ids: Optional[Tensor] = None, llm_target_mask: Optional[Tensor] = None,

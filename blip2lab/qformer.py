@@ -137,12 +137,16 @@ class Attention(nn.Module):
         mask: Optional[Tensor] = None,  # bool, broadcastable to (B, L, P + S); True = may attend
         past_kv: Optional[KV] = None,  # cached keys/values of earlier positions, (B, H, P, hd) each
         need_probs: bool = False,
+        keep: Optional[int] = None,  # only the first `keep` rows' outputs are wanted: (B, keep, D) out
     ) -> tuple[Tensor, KV, Optional[Tensor]]:
         if self.cross:
             q = self._heads(self.q(x))  # (B, H, L, hd)
             k, v = source if isinstance(source, tuple) else self.source_kv(source)  # (B, H, N, hd) each
         else:
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, L, hd) each
+        if keep is not None:  # every row is still a key and a value; only `keep` rows ask
+            x, q = x[:, :keep], q[:, :, :keep]  # (B, keep, D), (B, H, keep, hd)
+            mask = None if mask is None else mask[:, :keep]  # (B, keep or 1, P + S)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)  # (B, H, P + S, hd)
             v = torch.cat([past_kv[1], v], dim=2)
@@ -190,12 +194,15 @@ class QFormerLayer(nn.Module):
         self.query_ffn = FeedForward(D, cfg.ffn_size, cfg)
 
     def forward(self, x: Tensor, num_queries: int, image: Optional[Tensor | KV], mask: Optional[Tensor],
-                past_kv: Optional[KV], need_probs: bool, text_rows: Optional[Tensor] = None
-                ) -> tuple[Tensor, KV, Optional[Tensor], Optional[Tensor]]:
+                past_kv: Optional[KV], need_probs: bool, text_rows: Optional[Tensor] = None,
+                keep: Optional[int] = None) -> tuple[Tensor, KV, Optional[Tensor], Optional[Tensor]]:
         # x: (B, L, D_q) with the first `num_queries` rows being queries (0 when text-only);
         # image: (B, N, D_v), or this layer's cross-attention keys/values already projected;
-        # text_rows: (M,) indices into the B*T text rows whose FFN runs (None: all).
-        h, kv, self_probs = self.self_attn(x, mask=mask, past_kv=past_kv, need_probs=need_probs)
+        # text_rows: (M,) indices into the B*T text rows whose FFN runs (None: all);
+        # keep: only the first `keep` rows go on past the self-attention (out: (B, keep, D_q)).
+        h, kv, self_probs = self.self_attn(x, mask=mask, past_kv=past_kv, need_probs=need_probs, keep=keep)
+        if keep is not None:
+            text_rows = None  # the rows kept, padding or not, all take the FFN
         queries, text = h[:, :num_queries], h[:, num_queries:]  # (B, Q, D_q), (B, T, D_q)
         cross_probs = None
         if num_queries > 0 and self.cross_attn is not None:
@@ -321,9 +328,15 @@ class QFormer(nn.Module):
         use_cache: bool = False,
         output_attentions: bool = False,
         text_mask: Optional[Tensor] = None,  # (B, T) 1 = real token: padding rows skip the text FFN
+        keep: Optional[int] = None,  # only the first `keep` output rows are wanted (hidden (B, keep, D_q))
     ) -> QFormerOutput:
         """Padding rows (`text_mask` 0) must be masked as keys in `mask` and their outputs
-        ignored by the caller: they skip the text FFN, so their hidden states are not BERT's."""
+        ignored by the caller: they skip the text FFN, so their hidden states are not BERT's.
+        `keep`: the caller reads only the first `keep` rows of the output (ITM and a VQA
+        question: the queries; ITC's text side: [CLS]). The last layer then computes only
+        those: the other rows' keys and values, which the kept rows attend to, are all it
+        needs of them; their queries, attention, output projection, LayerNorm and FFN are
+        skipped. The kept rows' outputs are the same as without `keep`."""
         if not with_queries and text_ids is None:
             raise ValueError("the Q-Former needs queries, text, or both")
         B = text_ids.shape[0] if image is None else image.batch_size if isinstance(image, ImageKV) else image.shape[0]
@@ -341,9 +354,10 @@ class QFormer(nn.Module):
             text_rows = text_mask.flatten().nonzero().squeeze(1)  # (M,)
             text_rows = None if text_rows.numel() == text_mask.numel() else text_rows
         new_kv, self_attns, cross_attns = [], [], []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             args = (x, Q, image.layers[i] if isinstance(image, ImageKV) else image, mask,
-                    None if past_kv is None else past_kv[i], output_attentions, text_rows)
+                    None if past_kv is None else past_kv[i], output_attentions, text_rows, keep if i == last else None)
             x, kv, sp, cp = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
             new_kv.append(kv)
             self_attns.append(sp)
@@ -363,20 +377,22 @@ class QFormer(nn.Module):
         With `use_cache`, the queries' self-attention keys/values are kept for ITG."""
         return self(image=image, use_cache=use_cache, output_attentions=output_attentions)
 
-    def encode_text(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
-        """Text alone (the ITC text side; the ITC mask without the query block): (B, T, D_q)."""
+    def encode_text(self, text_ids: Tensor, text_mask: Tensor, keep: Optional[int] = None) -> Tensor:
+        """Text alone (the ITC text side; the ITC mask without the query block): (B, T, D_q),
+        or (B, keep, D_q): `keep=1` is the [CLS] row, all ITC reads."""
         return self(text_ids=text_ids, mask=text_mask.bool()[:, None, :], with_queries=False,
-                    text_mask=text_mask).hidden
+                    text_mask=text_mask, keep=keep).hidden
 
     def encode_joint(self, image: Tensor | ImageKV, text_ids: Tensor, text_mask: Tensor, mode: str = "itm",
-                     output_attentions: bool = False) -> QFormerOutput:
-        """Queries and text in one pass under the `mode` mask: hidden (B, Q + T, D_q)."""
+                     output_attentions: bool = False, keep: Optional[int] = None) -> QFormerOutput:
+        """Queries and text in one pass under the `mode` mask: hidden (B, Q + T, D_q), or
+        (B, keep, D_q): `keep=Q` is the query rows, all ITM and a VQA question's pass read."""
         if mode == "itm" and bool(text_mask.all()):
             mask = None  # nothing to hide: lets attention take its unmasked fast path
         else:
             mask = attention_mask(mode, self.cfg.num_queries, text_mask)  # (B, L, L)
         return self(image=image, text_ids=text_ids, mask=mask, output_attentions=output_attentions,
-                    text_mask=text_mask)
+                    text_mask=text_mask, keep=keep)
 
     def decode_text(self, text_ids: Tensor, text_mask: Tensor, query_kv: list[KV],
                     rows: Optional[Tensor] = None) -> Tensor:

@@ -75,6 +75,44 @@ def test_itc_mask_joint_pass_equals_separate_passes(gen):
     torch.testing.assert_close(joint[:, 4:][real], text[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_keeping_the_rows_read_gives_their_outputs_and_gradients(gen, checkpointing):
+    """`keep`: the last layer computes only the rows the caller reads (ITM and a VQA
+    question: the queries; ITC's text side: [CLS]), with the same values and gradients."""
+    qf, cfg = _qformer(gradient_checkpointing=checkpointing)
+    qf.train()
+    for module in qf.modules():  # dropout off, so two passes are comparable
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for attn in (m for m in qf.modules() if hasattr(m, "attn_dropout")):
+        attn.attn_dropout = 0.0
+    image = torch.randn(3, 17, cfg.vision.width, generator=gen)
+    ids, mask = random_text(3, 7, gen, pad_from=[7, 4, 2])
+    Q = cfg.qformer.num_queries
+    cases = {
+        "itm queries": (lambda keep: qf.encode_joint(image, ids, mask, "itm", keep=keep).hidden, Q),
+        "itc [CLS]": (lambda keep: qf.encode_text(ids, mask, keep=keep), 1),
+    }
+    for name, (run, keep) in cases.items():
+        weight = torch.randn(keep, cfg.qformer.hidden_size, generator=gen)
+        outputs, grads = [], []
+        for k in (None, keep):
+            qf.zero_grad(set_to_none=True)
+            out = run(k)[:, :keep]  # (B, keep, D_q)
+            (out * weight).sum().backward()
+            outputs.append(out.detach())
+            grads.append({n: p.grad.clone() for n, p in qf.named_parameters() if p.grad is not None})
+        assert run(keep).shape == (3, keep, cfg.qformer.hidden_size), name
+        torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5, msg=name)
+        assert grads[1].keys() <= grads[0].keys(), name
+        for n in grads[0]:  # what `keep` skips (the last text FFN for ITM) had no gradient to give
+            expected = grads[0][n] if n in grads[1] else torch.zeros_like(grads[0][n])
+            torch.testing.assert_close(grads[1].get(n, torch.zeros_like(expected)), expected, atol=1e-5,
+                                       rtol=1e-4, msg=f"{name}: {n}")
+        if name == "itm queries":
+            assert not any(n.startswith(f"layers.{cfg.qformer.num_layers - 1}.text_ffn") for n in grads[1])
+
+
 def test_itg_cached_queries_equal_recomputed(gen):
     """ITG over the queries' cached keys/values equals one joint pass under the ITG mask."""
     qf, cfg = _qformer()
