@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import statistics
@@ -69,8 +68,10 @@ def peak_rss_added(fn: Callable[[], object]) -> int:
     """Bytes the process's peak RSS rose above its RSS just before one call of fn: that
     call's working memory. Freed memory is first handed back to the system (malloc_trim), so
     what an earlier call left in the allocator's free lists does not hide this one's."""
+    from blip2lab.train import release_free_memory
+
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_free_memory()
     before = rss_bytes()
     reset_peak_rss()
     fn()

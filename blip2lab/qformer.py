@@ -335,8 +335,9 @@ class QFormer(nn.Module):
         `keep`: the caller reads only the first `keep` rows of the output (ITM and a VQA
         question: the queries; ITC's text side: [CLS]). The last layer then computes only
         those: the other rows' keys and values, which the kept rows attend to, are all it
-        needs of them; their queries, attention, output projection, LayerNorm and FFN are
-        skipped. The kept rows' outputs are the same as without `keep`."""
+        needs of them; their attention as queries, output projection, LayerNorm and FFN are
+        skipped (their q still comes out of the fused q/k/v projection). The kept rows'
+        outputs are the same as without `keep`."""
         if not with_queries and text_ids is None:
             raise ValueError("the Q-Former needs queries, text, or both")
         B = text_ids.shape[0] if image is None else image.batch_size if isinstance(image, ImageKV) else image.shape[0]
