@@ -113,6 +113,30 @@ def test_keeping_the_rows_read_gives_their_outputs_and_gradients(gen, checkpoint
             assert not any(n.startswith(f"layers.{cfg.qformer.num_layers - 1}.text_ffn") for n in grads[1])
 
 
+def test_packed_ffn_rows_come_in_buckets_and_change_no_real_output(gen, monkeypatch):
+    """The packed text FFN takes the real rows plus padding rows up to a multiple of
+    ROW_BUCKET (fixed matmul shapes for oneDNN's bf16 kernels); real rows' outputs are the same."""
+    from blip2lab import qformer as Q
+
+    mask = torch.zeros(5, 9, dtype=torch.long)
+    for i, n in enumerate([9, 3, 1, 6, 2]):
+        mask[i, :n] = 1
+    real = mask.flatten().nonzero().squeeze(1)  # 21 real positions of 45
+    for bucket, size in [(8, 24), (16, 32), (64, 45), (1, 21)]:
+        monkeypatch.setattr(Q, "ROW_BUCKET", bucket)
+        rows = Q._bucketed(real, mask)
+        assert rows.numel() == size and bool((rows[1:] > rows[:-1]).all())
+        assert set(real.tolist()) <= set(rows.tolist())
+        assert bool((mask.flatten()[rows].sum() == 21))  # the others are padding
+    qf, cfg = _qformer()
+    ids, text_mask = random_text(5, 9, gen, pad_from=[9, 3, 1, 6, 2])
+    outs = []
+    for bucket in (1, 64):
+        monkeypatch.setattr(Q, "ROW_BUCKET", bucket)
+        outs.append(qf.encode_text(ids, text_mask)[text_mask.bool()])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
+
+
 def test_itg_cached_queries_equal_recomputed(gen):
     """ITG over the queries' cached keys/values equals one joint pass under the ITG mask."""
     qf, cfg = _qformer()
