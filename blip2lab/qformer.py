@@ -260,14 +260,16 @@ class QFormerOutput:
 ROW_BUCKET = 64
 
 
-def _bucketed(rows: Tensor, text_mask: Tensor) -> Tensor:
-    """rows (M,) the real text positions, text_mask (B, T) -> (M',) sorted: those and as many
-    padding positions as round M up to a multiple of ROW_BUCKET (or all there are)."""
-    extra = min(-rows.numel() % ROW_BUCKET, text_mask.numel() - rows.numel())
-    if extra == 0:
-        return rows
-    pad = (text_mask.flatten() == 0).nonzero().squeeze(1)[:extra]
-    return torch.cat([rows, pad]).sort().values
+def _text_rows(text_mask: Tensor) -> Optional[Tensor]:
+    """text_mask (B, T) -> the positions (M',) into B*T whose text FFN runs, sorted: every real
+    token and as many padding positions as round the count up to a multiple of ROW_BUCKET (or
+    all there are); None when nothing is padding. One wait on a GPU (the count), not per layer."""
+    padding = (text_mask.flatten() == 0).to(torch.uint8)  # (B*T,)
+    real = padding.numel() - int(padding.sum())
+    if real == padding.numel():
+        return None
+    count = min(real + (-real % ROW_BUCKET), padding.numel())
+    return torch.argsort(padding, stable=True)[:count].sort().values  # the real positions come first
 
 
 class QFormer(nn.Module):
@@ -368,10 +370,7 @@ class QFormer(nn.Module):
         # Checkpointing keeps each layer's input only and recomputes the rest in the backward
         # pass (the RNG state is replayed, so dropout draws the same masks).
         recompute = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        text_rows = None
-        if text_mask is not None:  # indices of the real text rows, found once (one wait on a GPU), not per layer
-            text_rows = text_mask.flatten().nonzero().squeeze(1)  # (M,)
-            text_rows = None if text_rows.numel() == text_mask.numel() else _bucketed(text_rows, text_mask)  # (M',)
+        text_rows = None if text_mask is None else _text_rows(text_mask)  # (M',) or None
         new_kv, self_attns, cross_attns = [], [], []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):

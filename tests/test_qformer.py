@@ -122,9 +122,10 @@ def test_packed_ffn_rows_come_in_buckets_and_change_no_real_output(gen, monkeypa
     for i, n in enumerate([9, 3, 1, 6, 2]):
         mask[i, :n] = 1
     real = mask.flatten().nonzero().squeeze(1)  # 21 real positions of 45
+    assert Q._text_rows(torch.ones(3, 4)) is None  # nothing is padding: every row, unpacked
     for bucket, size in [(8, 24), (16, 32), (64, 45), (1, 21)]:
         monkeypatch.setattr(Q, "ROW_BUCKET", bucket)
-        rows = Q._bucketed(real, mask)
+        rows = Q._text_rows(mask)
         assert rows.numel() == size and bool((rows[1:] > rows[:-1]).all())
         assert set(real.tolist()) <= set(rows.tolist())
         assert bool((mask.flatten()[rows].sum() == 21))  # the others are padding
