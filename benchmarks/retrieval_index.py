@@ -203,7 +203,7 @@ def build_shapes(pipe, n_images: int, batch_size: int = 256) -> tuple[ImageIndex
 def build_minireal(pipe, batch_size: int = 64) -> tuple[ImageIndex, TextIndex, list, dict]:
     """Real embeddings from real backbones (cached): the shipped mini-real model (EfficientNet-
     Lite0 + MiniLM + a Q-Former trained here) over every clipart of Debian's Open Clip Art, and
-    their titles (`name`). About 8k images: a check of the embeddings' structure, not of scale."""
+    their titles (`name`). 5,094 images: a check of the embeddings' structure, not of scale."""
     from blip2lab.data import clipart
     from blip2lab.index import build_image_index, build_text_index
 
@@ -307,7 +307,8 @@ class Matmul:
 
     def scores(self, query: np.ndarray) -> np.ndarray:
         """query (E,) or (Q, E) -> (n,) every item's exact score, max over its vectors and the query's."""
-        return (self.rows @ np.atleast_2d(query).T).reshape(-1, self.per_item * len(np.atleast_2d(query))).max(axis=1)
+        q = np.atleast_2d(query)  # (P, E)
+        return (self.rows @ q.T).reshape(-1, self.per_item * len(q)).max(axis=1)
 
     def top_k(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores = self.scores(query)
@@ -490,7 +491,7 @@ def run_synthetic(args, name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["all", "shapes", "synthetic", "minireal"], default="all",
-                        help="all: shapes and synthetic at gallery scale; minireal (8k real cliparts) only on request")
+                        help="all: shapes and synthetic at gallery scale; minireal (5,094 real cliparts) only on request")
     parser.add_argument("--synthetic", default="lowrank,fullrank", help="which synthetic spectra, comma-separated")
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--texts", type=int, default=500_000, help="synthetic captions (shapes: one per image)")
