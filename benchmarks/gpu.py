@@ -14,6 +14,11 @@ includes the static cache and CUDA graphs it keeps for later calls):
   itm: ITM logits including the ViT at batch 64 (Blip2ForImageTextRetrieval), pairs/s;
   qformer: the Q-Former's joint (ITM-style) pass at batch 32, img/s;
   vit: the frozen ViT (+ ln_vision, HF's post_layernorm) at batch 32, img/s.
+And one figure against another peer: stage1, the stage-1 training step (ITC + ITM + ITG,
+bf16 autocast) at the ViT-g + BERT-base Q-Former size against the LAVIS-style step
+(benchmarks/stage1_step.py, run as a subprocess: ours on cached ViT features, the peer
+recomputing the ViT every step; samples/s, the ratio, the ViT's share of the peer's step,
+peak CUDA memory and the two loss curves' agreement).
 
 Precision as transformers runs BLIP-2: everything bf16 except the Q-Former box (query
 tokens, Q-Former, its text embeddings), kept in fp32 as `_keep_in_fp32_modules` names it;
@@ -27,7 +32,7 @@ sequences is reported with the peaked head (the timed runs) and, as a diagnostic
 plain random head (greedy), never assumed.
 
 Each part runs under its own time budget, in order of importance (OPT captioning, FlanT5
-captioning, ITM, Q-Former, ViT); a failure or timeout is recorded in the JSON, which is
+captioning, stage 1, ITM, Q-Former, ViT); a failure or timeout is recorded in the JSON, which is
 rewritten after every figure, and the next part runs.
 """
 
@@ -39,8 +44,11 @@ import datetime
 import gc
 import json
 import platform
+import os
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -68,6 +76,7 @@ class Size:
     new_tokens: int
     beams: int
     repeats: int  # timed runs per contender, after one untimed warm-up
+    stage1: tuple  # benchmarks/stage1_step.py: size, batch, images, steps, warm-up steps
     budgets: dict = field(default_factory=dict)  # part -> seconds
     queries: int = 32
     text_len: int = 32  # ITM / Q-Former caption length
@@ -81,18 +90,22 @@ SIZES = {
         opt=dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240, vocab_size=50272),
         t5=dict(d_model=2048, num_layers=24, num_heads=32, d_kv=64, d_ff=5120, vocab_size=32128),
         caption_batch=32, itm_batch=64, qformer_batch=32, vit_batch=32, new_tokens=30, beams=5, repeats=3,
-        budgets=dict(caption_opt=150, caption_t5=140, itm=50, qformer=30, vit=30)),
+        # Stage 1 at batch 128: the paper's per-GPU batch is ~105 (1,680 on 16 A100s for ViT-g); at 64
+        # (2026-11-27, H200: 182 vs 284 ms a step) the Q-Former step was bound by launches, not flops.
+        stage1=("g", 128, 256, 30, 6),
+        budgets=dict(caption_opt=150, caption_t5=140, stage1=150, itm=40, qformer=25, vit=25)),
     "tiny": Size(
         vision=(64, 2, 4, 128, 32, 8), qformer=(64, 2, 4, 128),
         opt=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=1000),
         t5=dict(d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128, vocab_size=1000),
         caption_batch=4, itm_batch=8, qformer_batch=4, vit_batch=4, new_tokens=30, beams=5, repeats=1,
-        budgets=dict(caption_opt=60, caption_t5=60, itm=30, qformer=30, vit=30), peaked_tokens=16),
+        stage1=("tiny", 8, 32, 6, 2),
+        budgets=dict(caption_opt=60, caption_t5=60, stage1=90, itm=30, qformer=30, vit=30), peaked_tokens=16),
 }
-PARTS = ("caption_opt", "caption_t5", "itm", "qformer", "vit")
+PARTS = ("caption_opt", "caption_t5", "stage1", "itm", "qformer", "vit")
 FIGURES = {"caption_opt": ("caption_opt_greedy", "caption_opt_beam5"),
-           "caption_t5": ("caption_t5_greedy", "caption_t5_beam5"), "itm": ("itm",), "qformer": ("qformer",),
-           "vit": ("vit",)}
+           "caption_t5": ("caption_t5_greedy", "caption_t5_beam5"), "stage1": ("stage1",), "itm": ("itm",),
+           "qformer": ("qformer",), "vit": ("vit",)}
 # The Q-Former box, which transformers keeps in fp32 (Blip2PreTrainedModel._keep_in_fp32_modules,
 # plus the retrieval model's text embeddings that feed it).
 HF_FP32_CHILDREN = ("qformer", "embeddings")
@@ -440,6 +453,48 @@ def part_vit(size: Size, device: torch.device, dtype: torch.dtype, report: Repor
     report.figure("vit", figure_row(result, B, "img/s", max_abs_diff=diff, tolerance=tol, ok=diff <= tol, batch=B))
 
 
+def part_stage1(size: Size, device: torch.device, dtype: torch.dtype, report: Report) -> None:
+    """benchmarks/stage1_step.py in a subprocess (it spawns one process per contender, for
+    their own peak memory), in its own session so that a timeout stops all of them."""
+    name, batch, images, steps, warmup = size.stage1
+    with tempfile.TemporaryDirectory(prefix="blip2lab-stage1-") as tmp:
+        out = Path(tmp) / "stage1.json"
+        cmd = [os.environ.get("PYTHON", sys.executable), str(HERE / "stage1_step.py"), "--size", name,
+               "--device", device.type, "--precision", "bf16" if dtype == torch.bfloat16 else "no",
+               "--batch", str(batch), "--images", str(images), "--steps", str(steps), "--warmup", str(warmup),
+               "--threads", str(min(8, os.cpu_count() or 1) if device.type == "cuda" else 1),  # the dry run: 1
+               "--contenders", "ours,lavis",
+               "--cache-dir", str(Path(tmp) / "cache"), "--json", str(out)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            log, _ = proc.communicate()
+        except BaseException:  # the part's time budget (or ^C): stop the run and its contenders
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"stage1_step.py exited with {proc.returncode}:\n{log[-3000:]}")
+        result = json.loads(out.read_text())
+    ours, peer = result["runs"]["ours"], result["runs"]["lavis"]
+    row = {"unit": "samples/s", "peer": "LAVIS-style step (benchmarks/lavis_style.py)", "size": name,
+           "batch": batch, "steps": steps, "blip2lab_per_s": batch / ours["step_s"],
+           "lavis_style_per_s": batch / peer["step_s"], "ratio": result["ratio"],
+           "blip2lab_step_s": ours["step_s"], "lavis_style_step_s": peer["step_s"],
+           "peer_encoder_share": result["encoder_share"],
+           "ratio_from_the_encoder_alone": result["ratio_from_the_encoder_alone"],
+           "blip2lab_peak_gb": ours.get("cuda_max_allocated_bytes", 0) / 2**30 if device.type == "cuda" else None,
+           "lavis_style_peak_gb": peer.get("cuda_max_allocated_bytes", 0) / 2**30 if device.type == "cuda" else None,
+           "loss_mean_abs_diff": {k: v["mean_abs_diff"] for k, v in result["curves"].items()}}
+    report.data["figures"]["stage1"] = row
+    report.write()
+    diffs = ", ".join(f"{k} {v:.3f}" for k, v in row["loss_mean_abs_diff"].items())
+    print(f"{'stage1':20s} LAVIS-style {row['lavis_style_per_s']:8.1f} samples/s  blip2lab {row['blip2lab_per_s']:8.1f} "
+          f"samples/s  ratio {row['ratio']:5.2f}x  (its ViT: {row['peer_encoder_share']:.0%} of the peer's step)  "
+          f"loss curves mean |diff| {diffs}  peak GB {_gb(row['lavis_style_peak_gb'])} / {_gb(row['blip2lab_peak_gb'])}",
+          flush=True)
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -463,7 +518,7 @@ def main() -> None:
     parser.add_argument("out", nargs="?", default=str(HERE / "results" / "gpu.json"))
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (a dry run of the same code)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
-    parser.add_argument("--deadline", type=float, default=420.0,
+    parser.add_argument("--deadline", type=float, default=460.0,
                         help="seconds for the whole run (from torch's import); a part never gets more than what is left")
     args = parser.parse_args()
 
@@ -482,6 +537,7 @@ def main() -> None:
           f"{report.data['meta']['dtype']}; results -> {args.out}", flush=True)
     parts = {"caption_opt": lambda: part_caption(size, "opt", device, dtype, report),
              "caption_t5": lambda: part_caption(size, "t5", device, dtype, report),
+             "stage1": lambda: part_stage1(size, device, dtype, report),
              "itm": lambda: part_itm(size, device, dtype, report),
              "qformer": lambda: part_qformer(size, device, dtype, report),
              "vit": lambda: part_vit(size, device, dtype, report)}

@@ -21,7 +21,9 @@ before; CUDA: torch.cuda.max_memory_allocated); the bytes of activations kept fo
 one step (counted with saved-tensor hooks: exact and independent of the allocator; the CPU
 RSS also holds what glibc keeps of freed blocks, which differs between the contenders:
 MALLOC_MMAP_THRESHOLD_=1048576 in the environment makes it follow live memory, slower). Then
-the ratio ours / lavis of samples/s (the goal: >= 3x) and both loss curves.
+the ratio ours / lavis of samples/s (the goal: >= 3x) and both loss curves; and the frozen
+encoder's forward alone on one of the peer's batches (`encoder_s`): the part of its step that
+the cache removes, so `peer / (peer - encoder)` is the ratio skipping the encoder alone gives.
 
 Sizes: `shapes` (the recipe's model: its ViT and BERT-initialised Q-Former, its scenes
 and captions), and random-weight models with random images and captions of 8-24 tokens
@@ -50,6 +52,7 @@ import random
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -60,14 +63,14 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # lavis_style beside it; blip2lab from the checkout if not installed
-from common import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from common import median_seconds, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 from lavis_style import LavisStyleStage1  # noqa: E402
 
 from blip2lab.blip2 import Blip2  # noqa: E402
 from blip2lab.config import Blip2Config, QFormerConfig, TrainConfig, VisionConfig  # noqa: E402
 from blip2lab.feature_cache import (CachedFeatureDataset, CropConfig, FeatureCache, build_feature_cache,  # noqa: E402
                                     encoder_fingerprint, view_pixels)
-from blip2lab.train import BatchStream, train  # noqa: E402
+from blip2lab.train import BatchStream, _accelerator, _autocast, train  # noqa: E402
 
 ROOT = HERE.parent
 
@@ -282,7 +285,26 @@ def run_contender(spec: Spec) -> dict:
         result["saved_activation_bytes"] = saved_activation_bytes(
             step_model, batch, generator=torch.Generator(spec.device).manual_seed(0))
     result["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    if spec.contender == "lavis":
+        result["encoder_s"] = encoder_seconds(model, batch["pixels"], cfg)
     return result
+
+
+def encoder_seconds(model: Blip2, pixels: torch.Tensor, cfg: TrainConfig) -> float:
+    """Median seconds of the frozen encoder's forward (+ ln_vision) on one batch of pixels,
+    under the training loop's autocast: what the feature cache takes out of each LAVIS-style
+    step, and so what bounds the ratio where the rest of the step is the same work."""
+    accelerator = _accelerator(cfg)
+    cuda = pixels.device.type == "cuda"
+
+    def forward():
+        with torch.no_grad(), _autocast(accelerator):
+            out = model.ln_vision(model.image_encoder(pixels))
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    return median_seconds(forward, repeats=5, warmup=2)
 
 
 def _subprocess_entry(spec_dict: dict, out: str) -> None:
@@ -392,8 +414,10 @@ def main() -> None:
     spec = Spec(size=args.size, images=args.images, batch=args.batch, steps=args.steps, warmup=args.warmup,
                 lr=args.lr, device=args.device, precision=precision, threads=args.threads, crops=args.crops,
                 cache_dir=args.cache_dir, peer_padding=args.peer_padding)
-    scratch = ROOT / "runs" / "benchmarks" / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
+    # The contenders' result files: a folder of this run's own (two runs at once, e.g. the
+    # tests' gpu.sh dry run beside a benchmark, must not read each other's), removed at exit.
+    scratch_dir = tempfile.TemporaryDirectory(prefix="blip2lab-stage1_step-")
+    scratch = Path(scratch_dir.name)
     t0 = time.perf_counter()
     model = build_model(spec)
     cache = ensure_cache(spec, model)
@@ -430,6 +454,12 @@ def main() -> None:
             result["ratio"] = ratio
             print(f"  ratio (ours samples/s / LAVIS-style samples/s): {ratio:.2f}x  (goal >= 3x: "
                   f"{'met' if ratio >= 3 else 'NOT met'})")
+            enc, peer = runs["lavis"]["encoder_s"], runs["lavis"]["step_s"]
+            result["encoder_share"] = enc / peer
+            result["ratio_from_the_encoder_alone"] = peer / max(peer - enc, 1e-9)
+            print(f"  the LAVIS-style step's frozen encoder forward: {enc * 1e3:.1f} ms, {enc / peer:.0%} of its step; "
+                  f"taking only that out (the cache) gives {result['ratio_from_the_encoder_alone']:.2f}x, "
+                  f"the rest of the ratio is the Q-Former work saved")
             curves = compare_curves(runs["ours"]["curve"], runs["lavis"]["curve"])
             result["curves"] = curves
             print("\ntraining curves (same init, same examples and views; dropout masks differ):")

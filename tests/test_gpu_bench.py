@@ -1,6 +1,7 @@
 """benchmarks/gpu.sh's CPU dry run (--tiny): the same code as the real-size GPU run, with
 the packages a bare CUDA machine lacks (open_clip, gradio, scipy, ...) made unimportable,
-writes a JSON with every figure, each compared, checked and timed."""
+writes a JSON with every figure, each compared, checked and timed; the stage-1 part runs
+benchmarks/stage1_step.py against the LAVIS-style step in a subprocess."""
 
 import json
 import os
@@ -31,12 +32,17 @@ def test_tiny_dry_run_writes_every_figure(tmp_path):
     out = tmp_path / "gpu.json"
     env = dict(os.environ, PYTHON=str(_blocking_python(tmp_path)), OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["errors"] == {}, data["errors"]
-    assert all(part["status"] == "ok" for part in data["parts"].values()) and len(data["parts"]) == 5
-    assert set(data["figures"]) == set(FIGURES)
+    assert all(part["status"] == "ok" for part in data["parts"].values()) and len(data["parts"]) == 6
+    assert set(data["figures"]) == set(FIGURES) | {"stage1"}
+    stage1 = data["figures"].pop("stage1")
+    assert stage1["blip2lab_per_s"] > 0 and stage1["lavis_style_per_s"] > 0 and "stage1" in proc.stdout
+    assert abs(stage1["ratio"] - stage1["blip2lab_per_s"] / stage1["lavis_style_per_s"]) < 1e-9
+    assert 0 < stage1["peer_encoder_share"] < 1 and stage1["ratio_from_the_encoder_alone"] > 1
+    assert set(stage1["loss_mean_abs_diff"]) >= {"itc_loss", "itm_loss", "itg_loss"}
     for name, row in data["figures"].items():
         assert row["transformers_per_s"] > 0 and row["blip2lab_per_s"] > 0, name
         assert abs(row["ratio"] - row["blip2lab_per_s"] / row["transformers_per_s"]) < 1e-9, name

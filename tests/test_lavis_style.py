@@ -97,3 +97,4 @@ def test_short_training_curves_agree(tmp_path):
             assert abs(a[name] - b[name]) < 1e-3, (name, a[name], b[name])
             assert abs(a[name] - c[name]) < 1e-5, (name, a[name], c[name])  # checkpointing changes nothing
     assert ckpt["saved_activation_bytes"] < ours["saved_activation_bytes"]
+    assert 0 < peer["encoder_s"] < peer["step_s"]  # the share of its step the cache takes out
