@@ -4,6 +4,7 @@ visual prompt and the same text prompt, in the same run (tokens checked identica
 
     python benchmarks/minireal_latency.py                   # 2 torch threads (a free CPU Space), the 9 bundled photos
     python benchmarks/minireal_latency.py --threads 1 --repeats 5 --json OUT.json
+    python benchmarks/minireal_latency.py --llm-dtype float32   # the LLM as evaluated (default: as the app runs it)
 
 Prints, over the bundled photos (scikit-image, scikit-learn, matplotlib):
 * caption: `pipe.caption(photo)` with the paper's defaults (beam 5, <= 30 new tokens);
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per photo")
     parser.add_argument("--new-tokens", type=int, default=30, help="decoding-alone comparison length")
+    parser.add_argument("--llm-dtype", default="auto",
+                        help='the frozen LLM\'s precision, as `blip2lab.load(llm_dtype=)`: "auto" (the app\'s '
+                             'default: bf16 where the CPU runs it natively), "float32", "bfloat16"')
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,13 +51,15 @@ def main() -> None:
     from blip2lab.generation import DecodingConfig
 
     start = time.perf_counter()
-    pipe = blip2lab.load(args.model)
+    pipe = blip2lab.load(args.model, llm_dtype=args.llm_dtype)
     load_s = time.perf_counter() - start
     model, proc = pipe.model, pipe.processor
     photos = load_photos()
     prompt = proc.vqa_prompt(QUESTION)
 
-    result: dict = {"model": args.model, "threads": args.threads, "load_s": load_s, "photos": len(photos),
+    llm_dtype = str(pipe.model.llm.model.dtype).removeprefix("torch.")
+    result: dict = {"model": args.model, "threads": args.threads, "llm_dtype": llm_dtype, "load_s": load_s,
+                    "photos": len(photos),
                     "question": QUESTION, "chat_prompt": prompt}
     with torch.inference_mode():
         image_side, caption, chat = [], [], []
@@ -95,7 +101,8 @@ def main() -> None:
                    "ratio": times["transformers"] / times["blip2lab"]}
             result["decoding"].append(row)
 
-    print(f"{args.model}, {args.threads} torch thread(s), {len(photos)} photos x {args.repeats} calls; load {load_s:.1f} s")
+    print(f"{args.model}, LLM in {llm_dtype}, {args.threads} torch thread(s), {len(photos)} photos x {args.repeats} "
+          f"calls; load {load_s:.1f} s")
     for name in ("image_side", "caption", "chat_turn"):
         r = result[name]
         print(f"  {name:10s} median {r['median_s']:.2f} s, p90 {r['p90_s']:.2f} s")

@@ -106,10 +106,12 @@ def rows_app(r: dict) -> list[Row]:
 
 
 def rows_minireal(r: dict) -> list[Row]:
-    rows = [Row(f"mini-real {name.replace('_', ' ')} ({r['photos']} photos, {r['threads']} thread(s), median)",
+    dtype = r.get("llm_dtype", "float32")  # results written before the option were fp32
+    rows = [Row(f"mini-real {name.replace('_', ' ')} ({r['photos']} photos, {r['threads']} thread(s), "
+                f"LLM {dtype}, median)",
                 f"{r[name]['median_s']:.2f} s", "goal 2 s" if name == "chat_turn" else "", "", "")
             for name in ("caption", "chat_turn")]
-    rows += [Row(f"mini-real decoding {d['strategy']}, {d['new_tokens']} tokens (SmolLM2, same prefix)",
+    rows += [Row(f"mini-real decoding {d['strategy']}, {d['new_tokens']} tokens (SmolLM2 {dtype}, same prefix)",
                  f"{d['blip2lab_s']:.2f} s", f"transformers {d['transformers_s']:.2f} s", f"{d['ratio']:.2f}x",
                  "identical" if d["identical"] else "DIFFERENT") for d in r["decoding"]]
     return rows

@@ -110,6 +110,14 @@ class LanguageModel(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(ids)  # (B, T, D_lm)
 
+    def to_dtype(self, dtype: torch.dtype) -> "LanguageModel":
+        """The frozen LLM in `dtype`, for inference (fp16 refused for T5, as `pick_dtype`). The
+        trained projection keeps its own: its output is cast at the boundary (`visual_prompt`)."""
+        pick_dtype(str(dtype).removeprefix("torch."), self.kind, "cpu")  # raises for fp16 T5
+        self.model.to(dtype)
+        self._fast = None  # the lean decoder's static buffers were of the old dtype
+        return self
+
     def visual_prompt(self, queries: Tensor) -> Tensor:
         """Q-Former query outputs (B, Q, D_q) -> soft visual prompt (B, Q, D_lm) in the LLM's dtype.
         A Q-Former kept in fp32 before a bf16 projection is cast down first, as transformers does."""

@@ -76,6 +76,28 @@ class Blip2Pipeline:
     def device(self) -> torch.device:
         return self.model.ln_vision.weight.device
 
+    def set_llm_dtype(self, llm_dtype: Optional[str]) -> Optional[torch.dtype]:
+        """The frozen LLM's precision for inference: None keeps the checkpoint's (fp32 on the
+        CPU, what every evaluation here ran in); "auto" is bf16 where this device runs it
+        natively (a CPU with AVX512-BF16 or AMX, most GPUs), else unchanged; or a torch dtype
+        name. Decoding is bound by reading the LLM's weights, so bf16 roughly halves it (the
+        README's mini-real latency). Returns the LLM's dtype (None without an LLM)."""
+        llm = self.model.llm
+        if llm is None or llm_dtype is None:
+            return None if llm is None else llm.model.dtype
+        if llm_dtype == "auto":
+            from .train import native_bf16
+
+            if not native_bf16(self.device):
+                return llm.model.dtype
+            llm_dtype = "bfloat16"
+        dtype = getattr(torch, llm_dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"llm_dtype must be None, 'auto' or a float dtype name such as 'bfloat16', "
+                             f"got {llm_dtype!r}")
+        llm.to_dtype(dtype)
+        return dtype
+
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         llm = self.model.config.llm.kind
@@ -247,12 +269,14 @@ def _load_official(source: str, device: str, **kwargs: Any) -> Blip2Pipeline:
 
 
 def load(name_or_path: str | Path, retrieval: Optional[str | Path] = None, device: str = "cpu",
-         **kwargs: Any) -> Blip2Pipeline:
+         llm_dtype: Optional[str] = None, **kwargs: Any) -> Blip2Pipeline:
     """A ready pipeline for a shipped model name, a blip2lab folder, or an official
     checkpoint (folder or hub id). `retrieval`: a second source with ITC/ITM heads, used by
     `match` / `embed_*`; it shares the frozen image encoder with the first when both
-    towers hold the same weights."""
+    towers hold the same weights. `llm_dtype`: the frozen LLM's precision
+    (`Blip2Pipeline.set_llm_dtype`: None keeps the checkpoint's, "auto" bf16 where native)."""
     pipe = _load_one(name_or_path, device, **kwargs)
+    pipe.set_llm_dtype(llm_dtype)
     if retrieval is None:
         retrieval = _linked_retrieval(name_or_path)
     if retrieval is not None:

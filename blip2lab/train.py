@@ -65,10 +65,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def native_bf16() -> bool:
-    """Whether bf16 runs natively here: a CUDA device that has it, or a CPU with AVX512-BF16 or
-    AMX (Linux's /proc/cpuinfo flags). Elsewhere a CPU emulates bf16, slower than fp32."""
-    if torch.cuda.is_available():
+def native_bf16(device: Optional[torch.device | str] = None) -> bool:
+    """Whether bf16 runs natively on `device` (default: CUDA when present, else the CPU): a
+    CUDA device that has it, or a CPU with AVX512-BF16 or AMX (Linux's /proc/cpuinfo flags).
+    Elsewhere a CPU emulates bf16, slower than fp32."""
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if cuda:
         return torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
