@@ -293,14 +293,16 @@ def _assign(model: nn.Module, key: str, value: Tensor) -> None:
 
 
 def _fill(model: nn.Module, todo: Mapping[str, tuple[str, ...]], get: Callable[[str], Tensor],
-          dtype: torch.dtype, device_of: Callable[[str], torch.device | str], order=None) -> None:
-    """Read and place every planned tensor, one at a time (fused q/k/v: one layer at a time)."""
+          dtype: torch.dtype, device_of: Callable[[str], torch.device | str], order=None,
+          llm_dtype: Optional[torch.dtype] = None) -> None:
+    """Read and place every planned tensor, one at a time (fused q/k/v: one layer at a time),
+    floating ones in `dtype` (the LLM's in `llm_dtype` when given)."""
     keys = sorted(todo, key=lambda k: order(todo[k][0])) if order else list(todo)
     for ours in keys:
         parts = [get(k) for k in todo[ours]]
         value = parts[0] if len(parts) == 1 else torch.cat(parts)  # (sum of rows, ...)
         if value.is_floating_point():
-            value = value.to(dtype)
+            value = value.to(llm_dtype if llm_dtype is not None and ours.startswith("llm.model.") else dtype)
         _assign(model, ours, value.to(device_of(ours)))
         del parts, value
 
@@ -413,7 +415,7 @@ def _llm_device(device_map: Optional[dict], key: str):
 
 
 def _empty_model(folder: Path, hf_config, retrieval: bool, source, dtype: Optional[torch.dtype],
-                 qformer_overrides: dict):
+                 qformer_overrides: dict, llm_dtype: Optional[torch.dtype] = None):
     """Our `Blip2` for an HF BLIP-2 config, every parameter on the meta device (no storage)."""
     from accelerate import init_empty_weights
     from transformers import Blip2VisionModel
@@ -432,7 +434,7 @@ def _empty_model(folder: Path, hf_config, retrieval: bool, source, dtype: Option
     dtype = _check_dtype(dtype, kind)
     if llm is not None:
         config.llm = LLMConfig(kind=kind, name_or_path=f"language_model of {source}",
-                               dtype=str(dtype).removeprefix("torch."))
+                               dtype=str(_check_dtype(llm_dtype or dtype, kind)).removeprefix("torch."))
     with init_empty_weights(include_buffers=False):
         encoder = HFBlip2ImageEncoder(Blip2VisionModel(hf_config.vision_config), layer_index=-1,
                                       mean=config.vision.mean, std=config.vision.std)
@@ -440,7 +442,7 @@ def _empty_model(folder: Path, hf_config, retrieval: bool, source, dtype: Option
 
 
 def load_official(source: str | os.PathLike, *, device_map=None, dtype: Optional[torch.dtype] = None,
-                  **qformer_overrides):
+                  llm_dtype: Optional[torch.dtype] = None, **qformer_overrides):
     """A blip2lab `Blip2` from a Salesforce BLIP-2 checkpoint in Hugging Face layout: a local
     folder with config.json + model.safetensors (or sharded model-0000x-of-0000y.safetensors
     with model.safetensors.index.json), or a hub id where the hub can be reached.
@@ -452,6 +454,8 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype: Optional
     `weights.HF_ABSENT`), which get their initial values (temp = `temp_init`).
 
     dtype: of every floating tensor (default float32; float16 is refused for T5).
+    llm_dtype: the frozen LLM's instead, when given: each LLM tensor is read straight into it,
+    so e.g. bf16 for OPT-2.7B on a CPU never holds its 10.6 GB fp32 copy (5.3 GB instead).
     device_map: "auto" or an accelerate dict (module name -> device) for the LLM, applied with
     `accelerate.dispatch_model`; the rest of the model goes to the device of the LLM's input
     embeddings (inputs go there too). Without an LLM: "auto" or {"": device}.
@@ -461,9 +465,10 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype: Optional
     hf_config, arch = _read_hf_config(folder)
     shards = _Shards(folder)  # headers checked here: a damaged file fails before any building
     retrieval = arch == "Blip2ForImageTextRetrieval"
-    model, dtype = _empty_model(folder, hf_config, retrieval, source, dtype, qformer_overrides)
+    model, dtype = _empty_model(folder, hf_config, retrieval, source, dtype, qformer_overrides, llm_dtype)
     llm = None if retrieval else model.llm.model
-    llm_map = None if llm is None else _device_map(llm, device_map, dtype)
+    llm_dtype = None if llm is None else getattr(torch, model.config.llm.dtype)
+    llm_map = None if llm is None else _device_map(llm, device_map, llm_dtype)
     main = _main_device(device_map) if llm is None else "cpu" if llm_map is None else \
         _llm_device(llm_map, _embedding_key(llm))
 
@@ -488,7 +493,7 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype: Optional
         return main
 
     try:
-        _fill(model, todo, shards.get, dtype, device_of, order=shards.order)
+        _fill(model, todo, shards.get, dtype, device_of, order=shards.order, llm_dtype=llm_dtype)
     finally:
         shards.close()
     _finish(model, todo, HF_ABSENT if retrieval else (), dtype, main, str(folder))

@@ -83,20 +83,12 @@ class Blip2Pipeline:
         name. Decoding is bound by reading the LLM's weights, so bf16 roughly halves it (the
         README's mini-real latency). Returns the LLM's dtype (None without an LLM)."""
         llm = self.model.llm
-        if llm is None or llm_dtype is None:
-            return None if llm is None else llm.model.dtype
-        if llm_dtype == "auto":
-            from .train import native_bf16
-
-            if not native_bf16(self.device):
-                return llm.model.dtype
-            llm_dtype = "bfloat16"
-        dtype = getattr(torch, llm_dtype, None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"llm_dtype must be None, 'auto' or a float dtype name such as 'bfloat16', "
-                             f"got {llm_dtype!r}")
-        llm.to_dtype(dtype)
-        return dtype
+        dtype = _llm_dtype(llm_dtype, self.device)
+        if llm is None:
+            return None
+        if dtype is not None and dtype != llm.model.dtype:
+            llm.to_dtype(dtype)
+        return llm.model.dtype
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
@@ -275,8 +267,9 @@ def load(name_or_path: str | Path, retrieval: Optional[str | Path] = None, devic
     `match` / `embed_*`; it shares the frozen image encoder with the first when both
     towers hold the same weights. `llm_dtype`: the frozen LLM's precision
     (`Blip2Pipeline.set_llm_dtype`: None keeps the checkpoint's, "auto" bf16 where native)."""
-    pipe = _load_one(name_or_path, device, **kwargs)
-    pipe.set_llm_dtype(llm_dtype)
+    dtype = _llm_dtype(llm_dtype, device)
+    pipe = _load_one(name_or_path, device, llm_dtype=dtype, **kwargs)
+    pipe.set_llm_dtype(None if dtype is None else str(dtype).removeprefix("torch."))
     if retrieval is None:
         retrieval = _linked_retrieval(name_or_path)
     if retrieval is not None:
@@ -299,7 +292,24 @@ def _linked_retrieval(name_or_path: str | Path) -> Optional[Path]:
     return target
 
 
-def _load_one(name_or_path: str | Path, device: str, **kwargs: Any) -> Blip2Pipeline:
+def _llm_dtype(llm_dtype: Optional[str], device: torch.device | str) -> Optional[torch.dtype]:
+    """`llm_dtype` of `load` / `set_llm_dtype` -> the dtype for the frozen LLM (None: keep its own)."""
+    if llm_dtype is None:
+        return None
+    if llm_dtype == "auto":
+        from .train import native_bf16
+
+        return torch.bfloat16 if native_bf16(device) else None
+    dtype = getattr(torch, llm_dtype, None) if isinstance(llm_dtype, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"llm_dtype must be None, 'auto' or a float dtype name such as 'bfloat16', got {llm_dtype!r}")
+    return dtype
+
+
+def _load_one(name_or_path: str | Path, device: str, llm_dtype: Optional[torch.dtype] = None,
+              **kwargs: Any) -> Blip2Pipeline:
+    """One source. An official checkpoint reads its LLM straight into `llm_dtype` (no fp32 copy
+    first); a blip2lab folder's LLM is cast after loading (`load`)."""
     source = str(name_or_path)
     if source in PRESETS:
         return _load_blip2lab(PRESETS[source], device)
@@ -307,7 +317,7 @@ def _load_one(name_or_path: str | Path, device: str, **kwargs: Any) -> Blip2Pipe
     if path.is_dir() and _is_blip2lab_folder(path):
         return _load_blip2lab(path, device)
     if path.is_dir() or (source.count("/") == 1 and not path.exists() and not source.startswith((".", "/"))):
-        return _load_official(source, device, **kwargs)
+        return _load_official(source, device, llm_dtype=llm_dtype, **kwargs)
     raise ValueError(f"unknown model {source!r}: not a shipped model ({sorted(PRESETS) or 'none shipped yet'}), "
                      "not a blip2lab checkpoint folder, and not a Hugging Face folder or hub id "
                      f"(e.g. one of {_official_ids()})")

@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip2lab import official
+import blip2lab
+from blip2lab import official, pipeline
 from blip2lab.official import (KNOWN_CHECKPOINTS, export_hf, export_lavis, load_lavis, load_official,
                                load_official_tokenizers, save_lavis)
+from blip2lab.pipeline import Blip2Pipeline
 from blip2lab.weights import HF_ABSENT, WeightsError, from_hf
 from conftest import CLS, DEC, PAD, SEP, random_text
 from test_hf_parity import _hf_model as hf_retrieval
@@ -247,6 +249,34 @@ def test_device_map_and_dtype(generation):
     if kind == "t5":
         with pytest.raises(ValueError, match="T5"):
             load_official(folder, dtype=torch.float16, **IDS)
+
+
+def test_llm_dtype_reads_the_llm_straight_into_it(generation, monkeypatch):
+    """`llm_dtype`: the LLM's tensors in that dtype as they are read (no fp32 copy first), the
+    rest as `dtype`; the same values as loading in fp32 and casting the LLM after."""
+    kind, hf, folder = generation
+    full = load_official(folder, **IDS)
+    half = load_official(folder, llm_dtype=torch.bfloat16, **IDS)
+    assert half.config.llm.dtype == "bfloat16"
+    theirs = dict(full.named_parameters())
+    for name, p in half.named_parameters():
+        in_llm = name.startswith("llm.model.")
+        assert p.dtype == (torch.bfloat16 if in_llm else torch.float32), name
+        assert torch.equal(p, theirs[name].to(p.dtype)), name
+    # blip2lab.load hands the dtype to the loader rather than casting an fp32 LLM after it
+    # (these tiny folders carry no tokenizers, so the loader is watched, not the whole pipeline).
+    seen = {}
+
+    def watched(source, **kwargs):
+        seen.update(kwargs)
+        return Blip2Pipeline(load_official(source, **kwargs), processor=None)
+
+    monkeypatch.setattr(pipeline, "_load_official", lambda source, device, **kw: watched(source, **kw))
+    pipe = blip2lab.load(folder, llm_dtype="bfloat16", **IDS)
+    assert seen["llm_dtype"] == torch.bfloat16 and pipe.model.llm.model.dtype == torch.bfloat16
+    if kind == "t5":
+        with pytest.raises(ValueError, match="T5"):
+            load_official(folder, llm_dtype=torch.float16, **IDS)
 
 
 def test_tokenizers_shipped_with_the_checkpoint(retrieval, tmp_path):
