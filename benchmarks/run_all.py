@@ -71,6 +71,10 @@ def rows_stage1(r: dict) -> list[Row]:
                 f"{batch / runs['ours']['step_s']:.1f} samples/s", f"LAVIS-style {batch / runs['lavis']['step_s']:.1f} "
                 "samples/s", f"{r['ratio']:.2f}x", "loss curves: " + ", ".join(
                     f"{k} mean abs diff {v['mean_abs_diff']:.3f}" for k, v in r.get("curves", {}).items()))]
+    if "encoder_share" in r:  # results written before it was measured lack it
+        rows.append(Row("  the peer's frozen encoder forward, share of its step",
+                        f"{r['encoder_share']:.0%}", "", f"{r['ratio_from_the_encoder_alone']:.2f}x",
+                        "the ratio skipping only the encoder would give"))
     for name, run in runs.items():
         rows.append(Row(f"  peak RSS, {name}", f"{run['peak_rss_bytes'] / 2**20:,.0f} MB", "", "",
                         f"activations kept {run['saved_activation_bytes'] / 2**20:,.0f} MB"))
