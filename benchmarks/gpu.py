@@ -470,7 +470,8 @@ def part_stage1(size: Size, device: torch.device, dtype: torch.dtype, report: Re
         try:
             log, _ = proc.communicate()
         except BaseException:  # the part's time budget (or ^C): stop the run and its contenders
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
         if proc.returncode != 0:
