@@ -76,11 +76,11 @@ class Blip2Pipeline:
     def device(self) -> torch.device:
         return self.model.ln_vision.weight.device
 
-    def set_llm_dtype(self, llm_dtype: Optional[str]) -> Optional[torch.dtype]:
+    def set_llm_dtype(self, llm_dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
         """The frozen LLM's precision for inference: None keeps the checkpoint's (fp32 on the
         CPU, what every evaluation here ran in); "auto" is bf16 where this device runs it
         natively (a CPU with AVX512-BF16 or AMX, most GPUs), else unchanged; or a torch dtype
-        name. Decoding is bound by reading the LLM's weights, so bf16 roughly halves it (the
+        (or its name). Decoding is bound by reading the LLM's weights, so bf16 roughly halves it (the
         README's mini-real latency). Returns the LLM's dtype (None without an LLM)."""
         llm = self.model.llm
         dtype = _llm_dtype(llm_dtype, self.device)
@@ -269,7 +269,7 @@ def load(name_or_path: str | Path, retrieval: Optional[str | Path] = None, devic
     (`Blip2Pipeline.set_llm_dtype`: None keeps the checkpoint's, "auto" bf16 where native)."""
     dtype = _llm_dtype(llm_dtype, device)
     pipe = _load_one(name_or_path, device, llm_dtype=dtype, **kwargs)
-    pipe.set_llm_dtype(None if dtype is None else str(dtype).removeprefix("torch."))
+    pipe.set_llm_dtype(dtype)  # a blip2lab folder's LLM (an official one was read in it already)
     if retrieval is None:
         retrieval = _linked_retrieval(name_or_path)
     if retrieval is not None:
@@ -292,7 +292,7 @@ def _linked_retrieval(name_or_path: str | Path) -> Optional[Path]:
     return target
 
 
-def _llm_dtype(llm_dtype: Optional[str], device: torch.device | str) -> Optional[torch.dtype]:
+def _llm_dtype(llm_dtype: Optional[str | torch.dtype], device: torch.device | str) -> Optional[torch.dtype]:
     """`llm_dtype` of `load` / `set_llm_dtype` -> the dtype for the frozen LLM (None: keep its own)."""
     if llm_dtype is None:
         return None
@@ -300,7 +300,7 @@ def _llm_dtype(llm_dtype: Optional[str], device: torch.device | str) -> Optional
         from .train import native_bf16
 
         return torch.bfloat16 if native_bf16(device) else None
-    dtype = getattr(torch, llm_dtype, None) if isinstance(llm_dtype, str) else None
+    dtype = getattr(torch, llm_dtype, None) if isinstance(llm_dtype, str) else llm_dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"llm_dtype must be None, 'auto' or a float dtype name such as 'bfloat16', got {llm_dtype!r}")
     return dtype

@@ -45,6 +45,9 @@ def test_refused_precisions(tmp_path):
         pipe.set_llm_dtype("bf16")
     with pytest.raises(ValueError, match="llm_dtype"):
         pipe.set_llm_dtype("int8")
+    with pytest.raises(ValueError, match="llm_dtype"):
+        pipe.set_llm_dtype(torch.int8)
+    assert pipe.set_llm_dtype(torch.float64) == torch.float64 and pipe.set_llm_dtype("float32") == torch.float32
     t5 = pipe.model.llm
     t5.kind = "encoder_decoder"  # pick_dtype's rule for T5, without building one
     with pytest.raises(ValueError, match="float16"):
