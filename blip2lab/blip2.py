@@ -195,8 +195,7 @@ class Blip2(nn.Module):
             return self.qformer.encode_queries(image).hidden
         if not self.config.qformer_question:
             raise ValueError("question_ids given but qformer_question is off in this model's config")
-        Q = self.config.qformer.num_queries
-        return self.qformer.encode_joint(image, question_ids, question_mask, "itm", keep=Q).hidden  # the query rows
+        return self.multimodal_features(image, question_ids, question_mask)  # the ITM-style pass's query rows
 
     def _stage2(self, image: Tensor, llm_ids: Tensor, llm_mask: Tensor, llm_labels: Tensor,
                 llm_target_ids: Optional[Tensor] = None, llm_target_mask: Optional[Tensor] = None,

@@ -127,14 +127,12 @@ def _rss() -> int:
 
 
 def _release_free_memory():
-    import ctypes
     import gc
 
+    from blip2lab.train import release_free_memory
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages otherwise
-    except (OSError, AttributeError):
-        pass
+    release_free_memory()  # glibc keeps freed heap pages otherwise
 
 
 def test_loading_is_lazy_and_holds_the_weights_once(tmp_path, monkeypatch):
