@@ -248,7 +248,7 @@ class Blip2(nn.Module):
         """[DEC] replaces [CLS]; text decodes over the queries' cached keys/values. Only the
         positions that predict a token go through the LM head."""
         dec_ids = text_ids.clone()
-        dec_ids[:, 0] = self.config.qformer.dec_token_id
+        dec_ids[:, 0] = self.config.qformer.token_id("dec", "ITG (image-grounded text generation)")
         labels = dec_ids.masked_fill(text_mask == 0, -100)  # (B, T), padding ignored
         rows, targets = L.itg_targets(labels)  # (M,) positions into B*T, (M,) their next tokens
         logits = self.qformer.decode_text(dec_ids, text_mask, query_kv, rows)  # (M, V)
@@ -272,11 +272,16 @@ class Blip2(nn.Module):
         Default decoding is LAVIS's: 3 beams, max length 30 and min length 10, which in
         LAVIS count the [DEC] token, hence 29 and 9 new tokens."""
         q = self.config.qformer
+        if not q.text_input:
+            raise ValueError("Q-Former captioning needs the Q-Former's text side and LM head, which this model lacks "
+                             "(qformer.text_input=False, a stage-2 checkpoint): caption with its LLM instead")
+        dec = q.token_id("dec", "Q-Former captioning (the ITG decoder)")
+        sep = q.token_id("sep", "Q-Former captioning (the ITG decoder)")
         decoding = decoding or DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=29, min_new_tokens=9)
         queries = self.qformer.encode_queries(image, use_cache=True)
-        start = torch.full((image.shape[0], 1), q.dec_token_id, dtype=torch.long, device=image.device)
+        start = torch.full((image.shape[0], 1), dec, dtype=torch.long, device=image.device)
         return generate(self._caption_step, start, (queries.past_kv, 0), decoding,
-                        eos_token_id=q.sep_token_id, pad_token_id=q.pad_token_id, reorder=kv_reorder)
+                        eos_token_id=sep, pad_token_id=q.pad_token_id, reorder=kv_reorder)
 
     def _caption_step(self, new_ids: Tensor, state: tuple) -> tuple[Tensor, tuple]:
         """One decoding step: new text tokens over the cached queries + earlier text."""

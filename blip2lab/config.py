@@ -140,10 +140,15 @@ class QFormerConfig:
     init_std: float = 0.02  # normal init of queries and fresh (cross-attention) weights
     max_text_len: int = 32  # the paper's text length for stage 1
     # Special token ids of bert-base-uncased: [PAD] 0, [CLS] 101, [SEP] 102 (EOS), [DEC] 30522 (BOS for ITG).
+    # None: the vocabulary has no such token. The official generation checkpoints keep BERT's
+    # 30522 words without LAVIS's added [DEC] (their config leaves vocab_size at its default,
+    # and they carry no Q-Former word embeddings at all): such a model loads, and only what
+    # needs the token refuses, by name (ITG and Q-Former captioning need [DEC]; the ITC text
+    # side [CLS]; Q-Former captions end at [SEP]).
     pad_token_id: int = 0
-    cls_token_id: int = 101
-    sep_token_id: int = 102
-    dec_token_id: int = 30522
+    cls_token_id: Optional[int] = 101
+    sep_token_id: Optional[int] = 102
+    dec_token_id: Optional[int] = 30522
     # A BERT-like checkpoint in transformers format on disk to copy self-attention, FFNs and
     # embeddings from (the paper starts from bert-base-uncased). None: random init.
     init_from: Optional[str] = None
@@ -191,8 +196,21 @@ class QFormerConfig:
                "the queries start from)")
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "dec_token_id"):
             value = getattr(self, name)
-            _check(0 <= value < self.vocab_size,
-                   f"qformer.{name} ({value}) must be a valid id below qformer.vocab_size ({self.vocab_size})")
+            _check(value is None or 0 <= value < self.vocab_size,
+                   f"qformer.{name} ({value}) must be a valid id below qformer.vocab_size ({self.vocab_size}), "
+                   f"or None when the vocabulary has no such token")
+        _check(self.pad_token_id is not None, "qformer.pad_token_id must be an id (padding is always needed)")
+
+    def token_id(self, name: str, needed_for: str) -> int:
+        """The id of special token `name` ("dec", "cls", "sep"), or an error naming what needs
+        it, when this Q-Former's vocabulary has none (`*_token_id` None)."""
+        value = getattr(self, f"{name}_token_id")
+        if value is None:
+            raise ValueError(f"{needed_for} needs the Q-Former's [{name.upper()}] token, which this model's vocabulary "
+                             f"lacks (qformer.{name}_token_id is None; qformer.vocab_size {self.vocab_size}). "
+                             f"Official generation checkpoints keep BERT's words without LAVIS's [DEC]: use a "
+                             f"retrieval checkpoint (Salesforce/blip2-itm-vit-g) or a blip2lab stage-1 model")
+        return value
 
     @property
     def ffn_size(self) -> int:
@@ -315,12 +333,12 @@ class TrainConfig:
             name, _, step = entry.partition("@")
             _check(name in self.losses and step.isdigit(),
                    f"train.loss_schedule entry {entry!r} must be 'loss@step' with a loss of train.losses")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), f"train.betas must be in [0, 1), got {self.betas}")
 
     def losses_at(self, step: int) -> tuple[str, ...]:
         """The losses active at `step` (all of `losses`, less those `loss_schedule` starts later)."""
         start = {name: int(at) for name, _, at in (e.partition("@") for e in self.loss_schedule)}
         return tuple(name for name in self.losses if start.get(name, 0) <= step)
-        _check(all(0.0 <= b < 1.0 for b in self.betas), f"train.betas must be in [0, 1), got {self.betas}")
 
 
 @dataclass

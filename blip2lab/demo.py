@@ -14,14 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_official_checkpoints", "qformer_token_ids"]
-
-
-def qformer_token_ids(qformer_tokenizer) -> dict[str, int]:
-    """The Q-Former token ids `load_official` needs when they differ from bert-base-uncased's."""
-    return dict(cls_token_id=qformer_tokenizer.cls_token_id, sep_token_id=qformer_tokenizer.sep_token_id,
-                pad_token_id=qformer_tokenizer.pad_token_id,
-                dec_token_id=qformer_tokenizer.convert_tokens_to_ids("[DEC]"))
+__all__ = ["tiny_official_checkpoints"]
 
 
 def tiny_official_checkpoints(folder: str | Path, seed: int = 0, image_size: int = 64) -> tuple[Path, Path, dict]:
@@ -30,7 +23,7 @@ def tiny_official_checkpoints(folder: str | Path, seed: int = 0, image_size: int
     Returns (generation folder, retrieval folder, the Q-Former token ids to pass to `load`)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, OPTConfig
 
-    from .processor import tokenizer_from_path
+    from .processor import qformer_token_ids, tokenizer_from_path
     from .recipes.shapes import BACKBONES, qformer_tokenizer
 
     qtok = qformer_tokenizer()

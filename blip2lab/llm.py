@@ -21,6 +21,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .dtypes import as_dtype, dtype_name
 from .fast_lm import FastDecoder, fast_decoder
 from .generation import DecodingConfig, generate, kv_reorder
 
@@ -37,7 +38,7 @@ def pick_dtype(requested: str, kind: Kind, device: torch.device | str) -> torch.
     runs bf16 or fp32. An explicit request wins, but fp16 is refused for T5."""
     device = torch.device(device)
     if requested != "auto":
-        dtype = getattr(torch, requested)
+        dtype = as_dtype(requested, "llm.dtype")
         if kind == "encoder_decoder" and dtype == torch.float16:
             raise ValueError("llm.dtype float16 is refused for T5 / FlanT5: it overflows (use bfloat16 or float32)")
         return dtype
@@ -110,10 +111,14 @@ class LanguageModel(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(ids)  # (B, T, D_lm)
 
-    def to_dtype(self, dtype: torch.dtype) -> "LanguageModel":
-        """The frozen LLM in `dtype`, for inference (fp16 refused for T5, as `pick_dtype`). The
-        trained projection keeps its own: its output is cast at the boundary (`visual_prompt`)."""
-        pick_dtype(str(dtype).removeprefix("torch."), self.kind, "cpu")  # raises for fp16 T5
+    def to_dtype(self, dtype: torch.dtype | str) -> "LanguageModel":
+        """The frozen LLM in `dtype` (a torch dtype or its name), for inference (fp16 refused for
+        T5, as `pick_dtype`). The trained projection keeps its own: its output is cast at the
+        boundary (`visual_prompt`)."""
+        dtype = as_dtype(dtype)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"LanguageModel.to_dtype needs a dtype, got {dtype!r}")
+        pick_dtype(dtype_name(dtype), self.kind, "cpu")  # raises for fp16 T5
         self.model.to(dtype)
         self._fast = None  # the lean decoder's static buffers were of the old dtype
         return self

@@ -103,6 +103,10 @@ class OfficialInfo:
     source: str
     architecture: str
     image_token_index: Optional[int]
+    # Parts the source never carried, which got initial values (HF retrieval checkpoints drop
+    # the temperature and the Q-Former LM head): nothing trained them, so nothing may read them
+    # as if it had (Q-Former captions from that head would be noise).
+    untrained: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,9 +152,21 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------
 
 
+# safetensors dtype names -> torch (the ones checkpoints hold; others go through safe_open)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
 def _safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape from a safetensors header, checking the file holds all the data the
     header promises (a truncated download fails here, before anything is loaded)."""
+    return {k: tuple(v["shape"]) for k, v in _safetensors_entries(file)[1].items()}
+
+
+def _safetensors_entries(file: Path) -> tuple[int, dict[str, dict]]:
+    """(offset of the data, key -> {"dtype", "shape", "data_offsets"}) of a safetensors file,
+    checked as `_safetensors_header` says."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -162,7 +178,7 @@ def _safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
         if 8 + n + end > size:
             raise ValueError(f"the header promises {8 + n + end} bytes, the file has {size}")
-        return {k: tuple(v["shape"]) for k, v in header.items()}
+        return 8 + n, header
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise WeightsError(f"cannot read {file}: it is not a complete safetensors file ({err}); "
                            f"download it again") from err
@@ -170,8 +186,10 @@ def _safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
 
 class _Shards:
     """The safetensors files of a checkpoint folder: one `model.safetensors` or the shards
-    of `model.safetensors.index.json`. Tensors are read one at a time (pread, no mapping),
-    keeping at most one file open."""
+    of `model.safetensors.index.json`. Tensors are read one at a time, each straight into
+    memory of its own with one positioned read (no mapping of the file, so the model never
+    depends on it; about 4x faster than safetensors' own pread backend, which reads in
+    small pieces), keeping at most one file open."""
 
     def __init__(self, folder: Path):
         index = folder / "model.safetensors.index.json"
@@ -190,11 +208,14 @@ class _Shards:
                 raise FileNotFoundError(f"shard {file} named in {index} is missing")
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.file_of: dict[str, Path] = {}
+        self._entry: dict[str, tuple[int, dict]] = {}  # key -> (data offset of its file, header entry)
         for file in files:
-            for key, shape in _safetensors_header(file).items():
+            start, entries = _safetensors_entries(file)
+            for key, entry in entries.items():
                 if key in self.file_of:
                     raise WeightsError(f"{key} is stored twice: in {self.file_of[key]} and {file}")
-                self.shapes[key], self.file_of[key] = shape, file
+                self.shapes[key], self.file_of[key] = tuple(entry["shape"]), file
+                self._entry[key] = (start, entry)
         if weight_map is not None:
             wrong = sorted(k for k in set(weight_map) | set(self.file_of)
                            if k not in self.file_of or self.file_of[k].name != weight_map.get(k))
@@ -206,21 +227,35 @@ class _Shards:
         return str(self.file_of[key])
 
     def get(self, key: str) -> Tensor:
-        from safetensors import SafetensorError, safe_open
-
         file = self.file_of[key]
+        start, entry = self._entry[key]
+        dtype = _ST_DTYPES.get(entry["dtype"])
         try:
+            if dtype is None:  # an exotic dtype (fp8, ...): safetensors' own reader
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
+                    return f.get_tensor(key)
             if self._open is None or self._open[0] != file:
                 self.close()
-                self._open = (file, safe_open(str(file), framework="pt", device="cpu", backend="pread").__enter__())
-            return self._open[1].get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as err:
+                self._open = (file, os.open(file, os.O_RDONLY))
+            begin, end = entry["data_offsets"]
+            out = torch.empty(entry["shape"], dtype=dtype)
+            view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+            done = 0
+            while done < end - begin:  # os.preadv may return short reads for large tensors
+                got = os.preadv(self._open[1], [view[done:]], start + begin + done)
+                if got <= 0:
+                    raise OSError(f"the file ends {end - begin - done} bytes early")
+                done += got
+            return out
+        except (OSError, RuntimeError, ValueError) as err:
             self.close()
             raise WeightsError(f"cannot read {key} from {file}: {err}") from err
 
     def close(self) -> None:
         if self._open is not None:
-            self._open[1].__exit__(None, None, None)
+            os.close(self._open[1])
             self._open = None
 
 
@@ -340,13 +375,30 @@ def _finish(model: nn.Module, loaded: Iterable[str], absent_ok: Iterable[str], d
         raise WeightsError(f"after loading {source}, these tensors have no value (still on the meta device): {meta}")
 
 
-def _check_dtype(dtype: Optional[torch.dtype], kind: str) -> torch.dtype:
+def _check_dtype(dtype, kind: str, auto: torch.dtype = torch.float32, what: str = "dtype") -> torch.dtype:
+    """`dtype` (a torch dtype, its name, "auto" or None) -> the torch dtype to load in: None is
+    float32, "auto" the checkpoint's own (`auto`); float16 is refused for T5."""
+    from .dtypes import as_dtype, dtype_name
     from .llm import pick_dtype
 
-    dtype = dtype or torch.float32
+    dtype = as_dtype(dtype, what)
+    dtype = torch.float32 if dtype is None else auto if dtype == "auto" else dtype
     if kind != "none":
-        pick_dtype(str(dtype).removeprefix("torch."), kind, "cpu")  # refuses float16 for T5
+        pick_dtype(dtype_name(dtype), kind, "cpu")  # refuses float16 for T5
     return dtype
+
+
+def _stored_dtype(hf_config) -> torch.dtype:
+    """What `dtype="auto"` means for an HF folder, as in transformers: config.json's dtype
+    (`torch_dtype` before transformers 4.56), else float32."""
+    from .dtypes import as_dtype
+
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    try:
+        value = as_dtype(stored, "config.json dtype") if stored is not None else None
+    except ValueError:
+        value = None
+    return value if isinstance(value, torch.dtype) else torch.float32
 
 
 def _empty_llm(text_config) -> nn.Module:
@@ -391,6 +443,22 @@ def _sidecar_overrides(folder: Path) -> tuple[dict, dict]:
     return q, v
 
 
+def _preprocessor_overrides(folder: Path, image_size: int) -> dict:
+    """The image normalisation of the folder's preprocessor_config.json (BlipImageProcessor:
+    what transformers' processor does to a photo), checked against the vision config."""
+    file = folder / "preprocessor_config.json"
+    if not file.is_file():
+        return {}
+    pre = json.loads(file.read_text())
+    size = pre.get("size") or {}
+    side = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
+    if side is not None and (side != image_size or size.get("width", side) != side):
+        raise WeightsError(f"{file}: images of {size} but the vision tower takes {image_size}x{image_size}")
+    if pre.get("resample", 3) != 3:  # blip2lab resizes bicubically (PIL 3), as BlipImageProcessor by default
+        warnings.warn(f"{file}: resample {pre['resample']} (blip2lab resizes bicubically)", stacklevel=3)
+    return {k: tuple(float(x) for x in pre[f"image_{k}"]) for k in ("mean", "std") if f"image_{k}" in pre}
+
+
 def _device_map(llm: nn.Module, device_map, dtype: torch.dtype) -> Optional[dict]:
     if device_map is None:
         return None
@@ -414,35 +482,50 @@ def _llm_device(device_map: Optional[dict], key: str):
     return device_map[best]
 
 
-def _empty_model(folder: Path, hf_config, retrieval: bool, source, dtype: Optional[torch.dtype],
-                 qformer_overrides: dict, llm_dtype: Optional[torch.dtype] = None):
+def _tokenizer_ids(qformer_tokenizer, vocab_size: int) -> dict:
+    """The special ids of a Q-Former tokenizer shipped beside the weights, those that fit the
+    checkpoint's Q-Former vocabulary (a token it lacks is None: the model refuses what needs it)."""
+    if qformer_tokenizer is None:
+        return {}
+    from .processor import qformer_token_ids
+
+    ids = {name: (value if value is not None and value < vocab_size else None)
+           for name, value in qformer_token_ids(qformer_tokenizer).items()}
+    return ids if ids["pad_token_id"] is not None else {k: v for k, v in ids.items() if k != "pad_token_id"}
+
+
+def _empty_model(folder: Path, hf_config, retrieval: bool, source, dtype, qformer_overrides: dict,
+                 llm_dtype=None, qformer_tokenizer=None):
     """Our `Blip2` for an HF BLIP-2 config, every parameter on the meta device (no storage)."""
     from accelerate import init_empty_weights
     from transformers import Blip2VisionModel
 
     from .blip2 import Blip2
+    from .dtypes import dtype_name
     from .llm import llm_kind
     from .vision import HFBlip2ImageEncoder
 
     if retrieval and not hf_config.qformer_config.use_qformer_text_input:
         raise WeightsError(f"{folder}: a retrieval checkpoint needs use_qformer_text_input=True in its config")
     saved_q, saved_vision = _sidecar_overrides(folder)
-    config = config_from_hf(hf_config, **(saved_q | {"text_input": retrieval} | qformer_overrides))
-    config.vision = replace(config.vision, **saved_vision)
+    shipped = _tokenizer_ids(qformer_tokenizer, hf_config.qformer_config.vocab_size)
+    config = config_from_hf(hf_config, **(shipped | saved_q | {"text_input": retrieval} | qformer_overrides))
+    config.vision = replace(config.vision, **(_preprocessor_overrides(folder, config.vision.image_size) | saved_vision))
     llm = None if retrieval else _empty_llm(hf_config.text_config)
     kind = "none" if llm is None else llm_kind(llm)
-    dtype = _check_dtype(dtype, kind)
+    dtype = _check_dtype(dtype, kind, auto=_stored_dtype(hf_config))
     if llm is not None:
-        config.llm = LLMConfig(kind=kind, name_or_path=f"language_model of {source}",
-                               dtype=str(_check_dtype(llm_dtype or dtype, kind)).removeprefix("torch."))
+        llm_dtype = dtype if llm_dtype is None else _check_dtype(llm_dtype, kind, _stored_dtype(hf_config.text_config),
+                                                                 "llm_dtype")
+        config.llm = LLMConfig(kind=kind, name_or_path=f"language_model of {source}", dtype=dtype_name(llm_dtype))
     with init_empty_weights(include_buffers=False):
         encoder = HFBlip2ImageEncoder(Blip2VisionModel(hf_config.vision_config), layer_index=-1,
                                       mean=config.vision.mean, std=config.vision.std)
         return Blip2(config, image_encoder=encoder, language_model=llm, init_from_bert=False), dtype
 
 
-def load_official(source: str | os.PathLike, *, device_map=None, dtype: Optional[torch.dtype] = None,
-                  llm_dtype: Optional[torch.dtype] = None, **qformer_overrides):
+def load_official(source: str | os.PathLike, *, device_map=None, dtype=None, llm_dtype=None,
+                  qformer_tokenizer=None, **qformer_overrides):
     """A blip2lab `Blip2` from a Salesforce BLIP-2 checkpoint in Hugging Face layout: a local
     folder with config.json + model.safetensors (or sharded model-0000x-of-0000y.safetensors
     with model.safetensors.index.json), or a hub id where the hub can be reached.
@@ -453,9 +536,12 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype: Optional
     except the parts HF retrieval checkpoints never carry (`temp`, the Q-Former LM head: see
     `weights.HF_ABSENT`), which get their initial values (temp = `temp_init`).
 
-    dtype: of every floating tensor (default float32; float16 is refused for T5).
+    dtype: of every floating tensor, a torch dtype or its name (default float32; "auto": the
+    dtype config.json names, as transformers; float16 is refused for T5).
     llm_dtype: the frozen LLM's instead, when given: each LLM tensor is read straight into it,
     so e.g. bf16 for OPT-2.7B on a CPU never holds its 10.6 GB fp32 copy (5.3 GB instead).
+    qformer_tokenizer: a Q-Former tokenizer shipped with the checkpoint, whose special ids the
+    model then uses (where they fit its vocabulary; `load_official_tokenizers` finds it).
     device_map: "auto" or an accelerate dict (module name -> device) for the LLM, applied with
     `accelerate.dispatch_model`; the rest of the model goes to the device of the LLM's input
     embeddings (inputs go there too). Without an LLM: "auto" or {"": device}.
@@ -465,7 +551,8 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype: Optional
     hf_config, arch = _read_hf_config(folder)
     shards = _Shards(folder)  # headers checked here: a damaged file fails before any building
     retrieval = arch == "Blip2ForImageTextRetrieval"
-    model, dtype = _empty_model(folder, hf_config, retrieval, source, dtype, qformer_overrides, llm_dtype)
+    model, dtype = _empty_model(folder, hf_config, retrieval, source, dtype, qformer_overrides, llm_dtype,
+                                qformer_tokenizer)
     llm = None if retrieval else model.llm.model
     llm_dtype = None if llm is None else getattr(torch, model.config.llm.dtype)
     llm_map = None if llm is None else _device_map(llm, device_map, llm_dtype)
@@ -501,7 +588,8 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype: Optional
         from accelerate import dispatch_model
 
         dispatch_model(llm, device_map=llm_map)
-    model.official = OfficialInfo(str(source), arch, getattr(hf_config, "image_token_index", None))
+    model.official = OfficialInfo(str(source), arch, getattr(hf_config, "image_token_index", None),
+                                  untrained=HF_ABSENT if retrieval else ())
     return model.eval()
 
 
@@ -540,6 +628,10 @@ def load_official_tokenizers(source: str | os.PathLike):
             return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
         return None
 
+    config = folder / "config.json"
+    arch = (json.loads(config.read_text()).get("architectures") or [None])[0] if config.is_file() else None
+    if arch == "Blip2ForImageTextRetrieval":  # no LLM: the folder's own tokenizer is the Q-Former's
+        return load(folder / "qformer_tokenizer") or load(folder), None
     return load(folder / "qformer_tokenizer"), load(folder)
 
 
@@ -742,71 +834,135 @@ def _as_state(obj, what: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
+_EVA_UNUSED = ("head.", "norm.", "fc_norm.")  # in LAVIS's EVA model (classifier, final norms), never run by BLIP-2
+_BLOCK = re.compile(r"^visual_encoder\.blocks\.(\d+)\.")
+
+
+def _vision_blocks(state: Mapping[str, Tensor]) -> int:
+    return 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
+
+
+def _lavis_vision(state: dict, vision_weights, depth: int, source: str) -> tuple[dict, list[str]]:
+    """The ViT tensors of a LAVIS load: the checkpoint's own (a fine-tuned ViT) or those of
+    `vision_weights` (eva_vit_g.pth), never both. Dropped, as LAVIS's model never runs them:
+    the classifier head and final norms, and blocks of `vision_weights` past LAVIS's `depth`
+    (eva_vit_g.pth has 40 blocks, LAVIS builds 39). A checkpoint's own ViT was saved from
+    LAVIS's model, so every block in it ran: more blocks than `depth` is an error."""
+    own = sorted(k for k in state if k.startswith("visual_encoder."))
+    notes = []
+    if vision_weights is not None:
+        if own:
+            raise WeightsError(f"{source} holds its own ViT ({len(own)} visual_encoder.* tensors: a fine-tuned one, "
+                               f"e.g. at 364 px); vision_weights= would replace it: pass one or the other")
+        eva = _as_state(vision_weights, "vision_weights")
+        prefixed = any(k.startswith("visual_encoder.") for k in eva)
+        eva = {(k if prefixed else f"visual_encoder.{k}"): t for k, t in eva.items()}
+        extra = sorted({int(m.group(1)) for k in eva if (m := _BLOCK.match(k)) and int(m.group(1)) >= depth})
+        if extra:
+            notes.append(f"vision_weights blocks {extra[0]}..{extra[-1]} (LAVIS's model has {depth})")
+        eva = {k: t for k, t in eva.items() if not ((m := _BLOCK.match(k)) and int(m.group(1)) >= depth)}
+        state = state | eva
+    elif own and _vision_blocks(state) > depth:
+        raise WeightsError(f"the ViT in {source} has {_vision_blocks(state)} blocks, every one of which LAVIS ran, "
+                           f"but vision.layers is {depth}: set vision.layers={_vision_blocks(state)}")
+    unused = sorted({k.split(".")[1] for k in state if k.startswith(tuple(f"visual_encoder.{p}" for p in _EVA_UNUSED))})
+    if unused:
+        notes.append(", ".join(f"visual_encoder.{u}.*" for u in unused))
+        state = {k: t for k, t in state.items() if not k.startswith(tuple(f"visual_encoder.{u}." for u in unused))}
+    return state, notes
+
+
+def _tied_copy_names(llm: nn.Module) -> set[str]:
+    """The second names of the LLM's tied tensors (OPT `lm_head.weight`, T5 `encoder/decoder.
+    embed_tokens.weight`): `named_parameters()` skips them, so LAVIS's runner, which deletes
+    the frozen tensors that list names, keeps them in every stage-2 checkpoint."""
+    return {n for n, _ in llm.named_parameters(remove_duplicate=False)} - {n for n, _ in llm.named_parameters()}
+
+
+def _lavis_llm(state: dict, config: Blip2Config, language_model, prefix: str, source: str):
+    """(the LLM module, whether the file holds its weights, notes, state without the ignored
+    keys). A file holding only the tied copies LAVIS's runner keeps does not hold the LLM: the
+    copies must equal the LLM given (or built from llm.name_or_path), or the checkpoint was
+    trained with another one (refused, by name)."""
+    from transformers import AutoConfig
+
+    from .llm import load_llm
+
+    keys = sorted(k for k in state if k.startswith(f"{prefix}_model."))
+    if config.llm.kind == "none":
+        return None, bool(keys), [], state
+    probe = language_model or _empty_llm(AutoConfig.from_pretrained(config.llm.name_or_path))
+    copies = {f"{prefix}_model.{n}" for n in _tied_copy_names(probe)}
+    if keys and not set(keys) <= copies:  # the LLM itself is in the file
+        return probe, True, [], state
+    llm = language_model or load_llm(config.llm)
+    for key in keys:
+        theirs, mine = state[key], llm.get_parameter(key.removeprefix(f"{prefix}_model."))
+        if theirs.shape != mine.shape or not torch.equal(theirs, mine.detach().to(theirs.dtype)):
+            raise WeightsError(f"{key} in {source} (a tied copy of a frozen LLM tensor) differs from the LLM given "
+                               f"({config.llm.name_or_path or type(llm).__name__}): the checkpoint was trained with "
+                               f"another LLM")
+    notes = [f"{', '.join(keys)} (tied copies of the frozen LLM's, equal to the LLM given)"] if keys else []
+    return llm, False, notes, {k: t for k, t in state.items() if k not in keys}
+
+
 def load_lavis(path_or_state_dict, config: Blip2Config, language_model: Optional[nn.Module] = None, *,
-               vision_weights=None, drop_extra_vision_blocks: bool = False,
-               dtype: Optional[torch.dtype] = None):
+               vision_weights=None, dtype=None):
     """A blip2lab `Blip2` from a LAVIS BLIP-2 checkpoint (`{"model": state}` or a bare state
     dict; a `.pth` is read with `torch.load(weights_only=True)`: tensors only, never code).
 
     `config` describes the model (LAVIS files carry no architecture): vision.backend must be
-    'hf_blip2' (the EVA tower in HF layout), `qformer.text_input=False` for stage-2
-    checkpoints (no Q-Former text side), `llm.kind` for the LLM.
+    'hf_blip2' (the EVA tower in HF layout) with vision.layers LAVIS's depth (39 for EVA-g)
+    and layer_index -1 (LAVIS reads its last block), `qformer.text_input=False` for stage-2
+    checkpoints (no Q-Former text side), `llm.kind` for the LLM. dtype: a torch dtype or its
+    name ("auto": the file's; default float32).
 
-    LAVIS saves only trainable tensors, so released checkpoints usually lack the frozen parts:
-    - the ViT (`visual_encoder.*`): pass `vision_weights` (LAVIS's eva_vit_g.pth, keys with
-      or without the `visual_encoder.` prefix). EVA-g files hold 40 blocks and BLIP-2 uses 39
-      (LAVIS builds depth=39): the extra blocks are an error unless `drop_extra_vision_blocks`.
-    - the LLM (`opt_model.*` / `t5_model.*`): then `language_model` (or, if None, the LLM at
-      `config.llm.name_or_path`) is used as is, with a warning. When the file has them, they are
-      loaded (into `language_model` if given).
-    Leftover or missing keys are an error naming them."""
+    As LAVIS's runner writes them, checkpoints hold the trainable tensors only, so:
+    - the ViT (`visual_encoder.*`) is usually absent: pass `vision_weights` (eva_vit_g.pth,
+      keys with or without the `visual_encoder.` prefix). A file with its own (fine-tuned) ViT
+      and `vision_weights` is refused: one would silently replace the other.
+    - the LLM (`opt_model.*` / `t5_model.*`) is absent but for the tied copies (`_lavis_llm`):
+      then `language_model` (or, if None, the LLM at `config.llm.name_or_path`) is used, with a
+      warning. When the file has the LLM, it is loaded (into `language_model` if given).
+    What LAVIS's own load ignores or never runs (the EVA classifier head and final norms, the
+    40th block of eva_vit_g.pth, the tied copies) is dropped and named in one warning; any
+    other leftover or missing key is an error naming it."""
     from accelerate import init_empty_weights
 
     from .blip2 import Blip2
-    from .llm import load_llm
 
     state = _as_state(path_or_state_dict, "the LAVIS checkpoint")
     source = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else "the LAVIS state dict"
-    if config.vision.backend != "hf_blip2":
+    vision = config.vision
+    if vision.backend != "hf_blip2":
         raise WeightsError(f"load_lavis needs vision.backend='hf_blip2' (the EVA tower in HF layout), "
-                           f"got {config.vision.backend!r}")
-    if vision_weights is not None:
-        eva = _as_state(vision_weights, "vision_weights")
-        prefixed = any(k.startswith("visual_encoder.") for k in eva)
-        state |= {(k if prefixed else f"visual_encoder.{k}"): t for k, t in eva.items()}
+                           f"got {vision.backend!r}")
+    if vision.layer_index % vision.layers != vision.layers - 1:
+        raise WeightsError(f"LAVIS runs every block of its ViT and reads the last one's output, but vision.layers="
+                           f"{vision.layers} with vision.layer_index={vision.layer_index} would keep "
+                           f"{vision.used_layers}: set vision.layers to LAVIS's depth (39 for EVA ViT-g) and "
+                           f"vision.layer_index=-1")
+    state, notes = _lavis_vision(state, vision_weights, vision.layers, source)
     prefixes = sorted({p for p in _LLM_PREFIXES for k in state if k.startswith((f"{p}_model.", f"{p}_proj."))})
     if len(prefixes) > 1:
         raise WeightsError(f"{source} holds several LLMs' weights: {[p + '_model' for p in prefixes]}")
     prefix = prefixes[0] if prefixes else "opt"
-    has_llm_weights = any(k.startswith(f"{prefix}_model.") for k in state)
-
-    kind = config.llm.kind
-    dtype = _check_dtype(dtype, kind)
-    llm = language_model
-    if kind != "none" and llm is None:
-        if has_llm_weights:
-            from transformers import AutoConfig
-
-            llm = _empty_llm(AutoConfig.from_pretrained(config.llm.name_or_path))
-        else:
-            llm = load_llm(config.llm)
+    llm, has_llm_weights, llm_notes, state = _lavis_llm(state, config, language_model, prefix, source)
+    floating = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    dtype = _check_dtype(dtype, config.llm.kind, auto=floating)
     with init_empty_weights(include_buffers=False):
         model = Blip2(config, language_model=llm, init_from_bert=False)
-    vision_layers = len(model.image_encoder.vision_model.encoder.layers)
     llm_keys = list(llm.state_dict()) if llm is not None and has_llm_weights else []
-    table = lavis_table(config, vision_layers, llm_keys, prefix)
+    table = lavis_table(config, vision.layers, llm_keys, prefix)
 
     _check_lm_head_tie(state, config.qformer, source)
     for key in [k for k in state if k.endswith(".attn.qkv.weight") and k.startswith("visual_encoder.blocks.")]:
         block = key.removesuffix("attn.qkv.weight")
         state[block + _K_BIAS] = torch.zeros(state[key].shape[0] // 3, dtype=state[key].dtype)
-    extra_block = re.compile(r"^visual_encoder\.blocks\.(\d+)\.")
 
     def ignore(k: str) -> bool:
-        m = extra_block.match(k)
-        return (k in ("Qformer.bert.embeddings.position_ids", "Qformer.cls.predictions.decoder.weight",
-                      "Qformer.cls.predictions.decoder.bias") or k.endswith(_K_BIAS)
-                or (drop_extra_vision_blocks and m is not None and int(m.group(1)) >= vision_layers))
+        return k in ("Qformer.bert.embeddings.position_ids", "Qformer.cls.predictions.decoder.weight",
+                     "Qformer.cls.predictions.decoder.bias") or k.endswith(_K_BIAS)
 
     groups = _tie_groups(model) if llm_keys else []
     not_here = [] if has_llm_weights else [k for k in model.state_dict() if k.startswith("llm.model.")]
@@ -821,7 +977,10 @@ def load_lavis(path_or_state_dict, config: Blip2Config, language_model: Optional
     # clone: the new model owns its tensors (never shares them with the caller's dict or the file's mmap)
     _fill(model, todo, lambda k: state[k].detach().clone(), dtype, lambda k: "cpu")
     _finish(model, todo, (), dtype, "cpu", source)
-    if kind != "none" and not has_llm_weights:
+    if notes + llm_notes:
+        warnings.warn(f"{source}: not loaded, as LAVIS's BLIP-2 never runs them: {'; '.join(notes + llm_notes)}",
+                      stacklevel=2)
+    if llm is not None and not has_llm_weights:
         warnings.warn(f"{source} has no {prefix}_model.* weights (LAVIS saves only trainable tensors): the LLM "
                       f"keeps the weights it was given ({type(llm).__name__})", stacklevel=2)
     return model.eval()

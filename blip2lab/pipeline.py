@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .blip2 import Blip2
+from .dtypes import as_dtype
 from .explain import CrossAttentionMaps, GradCam, cross_attention_maps, itm_gradcam
 from .generation import DecodingConfig
 from .processor import Blip2Processor, tokenizer_from_path
@@ -113,6 +114,11 @@ class Blip2Pipeline:
         Q-Former's own ITG decoder (LAVIS defaults, beams 3)."""
         image = self._image(images)
         if self.model.llm is None:
+            untrained = getattr(getattr(self.model, "official", None), "untrained", ())
+            if any(k.startswith("qformer.lm_head.") for k in untrained):
+                raise ValueError(f"{self.name or 'this model'} cannot caption: it has no language model, and its "
+                                 "Q-Former LM head was never trained (Hugging Face retrieval checkpoints do not store "
+                                 "it); it can match and embed")
             ids = self.model.generate_captions(image, decoding_config(QFORMER_CAPTION_DECODING, **decoding))
             return self.processor.decode_qformer(ids)
         prompt = self.processor.caption_prompt if prompt is None else prompt
@@ -244,8 +250,18 @@ def _is_blip2lab_folder(path: Path) -> bool:
     return "qformer" in config and "vision" in config
 
 
-def _load_blip2lab(path: Path, device: str) -> Blip2Pipeline:
+def _load_blip2lab(path: Path, device: str, dtype=None, **unknown: Any) -> Blip2Pipeline:
+    """A blip2lab folder; `dtype` casts every floating tensor after loading ("auto" or None:
+    as trained, fp32)."""
+    if unknown:
+        raise TypeError(f"{path} is a blip2lab folder: load() options {sorted(unknown)} apply to official "
+                        f"checkpoints only")
     model = load_pretrained(path, map_location=device)
+    dtype = as_dtype(dtype)
+    if isinstance(dtype, torch.dtype):
+        if model.llm is not None:
+            model.llm.to_dtype(dtype)  # refuses float16 for T5
+        model.to(dtype)
     qtok = tokenizer_from_path(path / QFORMER_TOKENIZER_DIR) if (path / QFORMER_TOKENIZER_DIR).is_dir() else None
     ltok = tokenizer_from_path(path / LLM_TOKENIZER_DIR) if (path / LLM_TOKENIZER_DIR).is_dir() else None
     return Blip2Pipeline(model, Blip2Processor.from_config(model.config, qtok, ltok), name=path.name)
@@ -254,8 +270,8 @@ def _load_blip2lab(path: Path, device: str) -> Blip2Pipeline:
 def _load_official(source: str, device: str, **kwargs: Any) -> Blip2Pipeline:
     from . import official
 
-    model = official.load_official(source, **kwargs).to(device)
     qtok, ltok = official.load_official_tokenizers(source)
+    model = official.load_official(source, qformer_tokenizer=qtok, **kwargs).to(device)
     return Blip2Pipeline(model, Blip2Processor.from_config(model.config, qtok, ltok, check=qtok is not None),
                          name=str(source))
 
@@ -294,15 +310,11 @@ def _linked_retrieval(name_or_path: str | Path) -> Optional[Path]:
 
 def _llm_dtype(llm_dtype: Optional[str | torch.dtype], device: torch.device | str) -> Optional[torch.dtype]:
     """`llm_dtype` of `load` / `set_llm_dtype` -> the dtype for the frozen LLM (None: keep its own)."""
-    if llm_dtype is None:
-        return None
-    if llm_dtype == "auto":
+    dtype = as_dtype(llm_dtype, "llm_dtype")
+    if dtype == "auto":
         from .train import native_bf16
 
         return torch.bfloat16 if native_bf16(device) else None
-    dtype = getattr(torch, llm_dtype, None) if isinstance(llm_dtype, str) else llm_dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"llm_dtype must be None, 'auto' or a float dtype name such as 'bfloat16', got {llm_dtype!r}")
     return dtype
 
 
@@ -312,10 +324,10 @@ def _load_one(name_or_path: str | Path, device: str, llm_dtype: Optional[torch.d
     first); a blip2lab folder's LLM is cast after loading (`load`)."""
     source = str(name_or_path)
     if source in PRESETS:
-        return _load_blip2lab(PRESETS[source], device)
+        return _load_blip2lab(PRESETS[source], device, **kwargs)
     path = Path(source).expanduser()
     if path.is_dir() and _is_blip2lab_folder(path):
-        return _load_blip2lab(path, device)
+        return _load_blip2lab(path, device, **kwargs)
     if path.is_dir() or (source.count("/") == 1 and not path.exists() and not source.startswith((".", "/"))):
         return _load_official(source, device, llm_dtype=llm_dtype, **kwargs)
     raise ValueError(f"unknown model {source!r}: not a shipped model ({sorted(PRESETS) or 'none shipped yet'}), "

@@ -36,6 +36,7 @@ __all__ = [
     "load_image",
     "Blip2Processor",
     "make_qformer_tokenizer",
+    "qformer_token_ids",
     "tokenizer_from_path",
     "clean_caption",
 ]
@@ -264,6 +265,15 @@ def make_qformer_tokenizer(base):
     return tok
 
 
+def qformer_token_ids(qformer_tokenizer) -> dict[str, Optional[int]]:
+    """A Q-Former tokenizer's special ids by their QFormerConfig names; dec_token_id None when
+    it has no [DEC] (see make_qformer_tokenizer)."""
+    tok = qformer_tokenizer
+    dec = tok.convert_tokens_to_ids("[DEC]") if "[DEC]" in tok.get_vocab() else None
+    return dict(cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+                dec_token_id=dec)
+
+
 def tokenizer_from_path(path: str | os.PathLike):
     """`AutoTokenizer.from_pretrained`, offline when `path` is a local folder (a `package:`
     path or a `.gguf` file is resolved first, see sources.local_model)."""
@@ -386,7 +396,7 @@ class Blip2Processor:
         proc = cls(config.vision.image_size, config.vision.mean, config.vision.std, qformer_tokenizer,
                    llm_tokenizer, config.llm.kind, qformer_max_len=config.qformer.max_text_len,
                    caption_prompt=config.llm.prompt, chat_template=config.llm.chat_template, **kwargs)
-        if check and qformer_tokenizer is not None:
+        if check and qformer_tokenizer is not None and config.qformer.text_input:  # else no vocabulary to check
             proc.check_qformer_config(config.qformer)
         return proc
 
@@ -420,9 +430,6 @@ class Blip2Processor:
         for attr, token in (("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]")):
             if getattr(tok, attr + "_id") is None:
                 raise ValueError(f"qformer_tokenizer has no {attr} ({token})")
-        if "[DEC]" not in tok.get_vocab():
-            raise ValueError("qformer_tokenizer has no [DEC] token (the Q-Former's generation BOS); "
-                             "wrap it with make_qformer_tokenizer()")
 
     def _need_qformer(self):
         if self.qformer_tokenizer is None:
@@ -442,19 +449,24 @@ class Blip2Processor:
         return self._need_qformer().pad_token_id
 
     @property
-    def dec_token_id(self) -> int:
-        return self._need_qformer().convert_tokens_to_ids("[DEC]")
+    def dec_token_id(self) -> Optional[int]:
+        """[DEC], the BOS of ITG and Q-Former captions; None for a tokenizer without it (a
+        retrieval checkpoint's plain BERT tokenizer: such a model matches but cannot caption)."""
+        return qformer_token_ids(self._need_qformer())["dec_token_id"]
 
     def check_qformer_config(self, qformer_config) -> None:
         """ValueError naming the field when the tokenizer disagrees with a QFormerConfig."""
         tok = self._need_qformer()
-        if len(tok) > qformer_config.vocab_size:
+        # The words (added tokens aside: an LLM-side `<image>` past the table is never Q-Former
+        # text); the special ids are checked one by one below.
+        if tok.vocab_size > qformer_config.vocab_size:
             raise ValueError(f"qformer.vocab_size ({qformer_config.vocab_size}) is smaller than the "
-                             f"qformer_tokenizer's {len(tok)} tokens")
+                             f"qformer_tokenizer's {tok.vocab_size} words")
         for name in ("cls_token_id", "sep_token_id", "pad_token_id", "dec_token_id"):
             mine, theirs = getattr(self, name), getattr(qformer_config, name)
             if mine != theirs:
-                raise ValueError(f"qformer.{name} is {theirs} but the qformer_tokenizer's is {mine}")
+                hint = " (it has no [DEC]: wrap it with make_qformer_tokenizer())" if mine is None else ""
+                raise ValueError(f"qformer.{name} is {theirs} but the qformer_tokenizer's is {mine}{hint}")
 
     def qformer_text(self, texts: Sequence[str], max_len: Optional[int] = None) -> dict[str, Tensor]:
         """Texts -> text_ids (B, T) = [CLS] tokens [SEP] [PAD]..., text_mask (B, T).

@@ -483,9 +483,17 @@ def init_qformer_from_bert(qformer: nn.Module, path: str | Path) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 
+# bert-base-uncased's special ids plus LAVIS's added [DEC] (BLIP2_REFERENCE.md Sec. 1): what the
+# official checkpoints were trained with, though their config.json does not say so.
+BERT_TOKEN_IDS = dict(cls_token_id=101, sep_token_id=102, dec_token_id=30522)
+
+
 def config_from_hf(hf_config, **qformer_overrides) -> Blip2Config:
     """Our Blip2Config for a transformers `Blip2Config`. The special token ids are not in
-    HF's config; bert-base-uncased's are assumed unless `qformer_overrides` says otherwise."""
+    HF's config: bert-base-uncased's are assumed where they fit the Q-Former's vocabulary,
+    and an id outside it (the [DEC] of a generation checkpoint, whose config keeps BERT's
+    30522 words) is None: the model loads and only what needs that token refuses.
+    `qformer_overrides` (e.g. the ids of a tokenizer shipped beside the weights) win."""
     from .vision import vision_config_from_hf
 
     qc = hf_config.qformer_config
@@ -500,6 +508,7 @@ def config_from_hf(hf_config, **qformer_overrides) -> Blip2Config:
     if hf_config.vision_config.hidden_size != qc.encoder_hidden_size:
         raise WeightsError(f"HF config: qformer encoder_hidden_size ({qc.encoder_hidden_size}) != vision "
                            f"hidden_size ({hf_config.vision_config.hidden_size})")
+    qformer |= {name: (value if value < qc.vocab_size else None) for name, value in BERT_TOKEN_IDS.items()}
     return Blip2Config(vision=vision_config_from_hf(hf_config.vision_config),
                        qformer=QFormerConfig(**(qformer | qformer_overrides)),
                        embed_dim=getattr(hf_config, "image_text_hidden_size", 256))

@@ -42,12 +42,13 @@ def test_auto_is_bf16_exactly_where_the_device_runs_it_natively():
 def test_refused_precisions(tmp_path):
     pipe = blip2lab.load(build_tiny_shapes_pipeline(tmp_path / "tiny"))
     with pytest.raises(ValueError, match="llm_dtype"):
-        pipe.set_llm_dtype("bf16")
+        pipe.set_llm_dtype("bfloat17")
     with pytest.raises(ValueError, match="llm_dtype"):
         pipe.set_llm_dtype("int8")
     with pytest.raises(ValueError, match="llm_dtype"):
         pipe.set_llm_dtype(torch.int8)
     assert pipe.set_llm_dtype(torch.float64) == torch.float64 and pipe.set_llm_dtype("float32") == torch.float32
+    assert pipe.set_llm_dtype("bf16") == torch.bfloat16 and pipe.set_llm_dtype("torch.float32") == torch.float32
     t5 = pipe.model.llm
     t5.kind = "encoder_decoder"  # pick_dtype's rule for T5, without building one
     with pytest.raises(ValueError, match="float16"):

@@ -434,18 +434,89 @@ def test_lavis_leftover_missing_and_extra_blocks_are_named(stage1_model):
         load_lavis({k: v for k, v in state.items() if k != gone}, stage1_model.config)
     with pytest.raises(WeightsError, match=re.escape("visual_encoder.blocks.1.attn.v_bias")):
         load_lavis({k: v for k, v in state.items() if not k.endswith("blocks.1.attn.v_bias")}, stage1_model.config)
-    # EVA-g files hold one block more than BLIP-2 uses
-    n = len(stage1_model.image_encoder.vision_model.encoder.layers)
-    extra = {k.replace(f"blocks.{n - 1}.", f"blocks.{n}."): v for k, v in state.items() if f"blocks.{n - 1}." in k}
-    with pytest.raises(WeightsError, match=re.escape(f"visual_encoder.blocks.{n}.attn.qkv.weight")):
-        load_lavis(state | extra, stage1_model.config)
-    loaded = load_lavis(state | extra, stage1_model.config, drop_extra_vision_blocks=True)
-    _assert_same_tensors(export_lavis(loaded), state)
     # the MLM decoder is tied to the word embeddings: a file where it is not is refused
     decoder = "Qformer.cls.predictions.decoder.weight"
     untied = state | {decoder: torch.zeros_like(state[decoder])}
     with pytest.raises(WeightsError, match="must be tied"):
         load_lavis(untied, stage1_model.config)
+
+
+def _vit(state: dict, prefixed: bool = True) -> dict:
+    return {(k if prefixed else k.removeprefix("visual_encoder.")): v for k, v in state.items()
+            if k.startswith("visual_encoder.")}
+
+
+def _eva_file(state: dict, n: int) -> dict:
+    """eva_vit_g.pth as LAVIS reads it: one block more than BLIP-2 runs (40 for 39), the
+    ImageNet classifier head and the final norm of EVA's model, no `visual_encoder.` prefix."""
+    vit = _vit(state, prefixed=False)
+    D = vit["cls_token"].shape[-1]
+    extra = {k.replace(f"blocks.{n - 1}.", f"blocks.{n}."): v.clone() for k, v in vit.items() if f"blocks.{n - 1}." in k}
+    return vit | extra | {"head.weight": torch.randn(10, D), "head.bias": torch.zeros(10),
+                          "norm.weight": torch.ones(D), "norm.bias": torch.zeros(D)}
+
+
+def test_lavis_eva_file_with_its_head_and_extra_block(stage1_model):
+    """eva_vit_g.pth holds 40 blocks and a 1000-way head: LAVIS loads it strict=False into its
+    39-block model, which never runs the rest; so does load_lavis, saying so in one warning."""
+    state = export_lavis(stage1_model)
+    n = len(stage1_model.image_encoder.vision_model.encoder.layers)
+    trainable = {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}
+    with pytest.warns(UserWarning, match=rf"never runs them: vision_weights blocks {n}\.\.{n}.*visual_encoder\.head\.\*, "
+                                         r"visual_encoder\.norm\.\*"):
+        loaded = load_lavis(trainable, stage1_model.config, vision_weights=_eva_file(state, n))
+    _assert_same_tensors(export_lavis(loaded), state)
+
+
+def test_lavis_finetuned_vit_keeps_every_block(stage1_model):
+    """A fine-tuned ViT saved by LAVIS's runner (freeze_vit False: its head and norm are
+    trainable, so saved too) ran every block it holds. A config that would keep fewer - the
+    defaults layers=39 with layer_index=-2 keep 38 of LAVIS's 39 - is refused by name."""
+    import dataclasses
+
+    state = export_lavis(stage1_model)
+    n = len(stage1_model.image_encoder.vision_model.encoder.layers)
+    D = state["visual_encoder.cls_token"].shape[-1]
+    finetuned = state | {"visual_encoder.head.weight": torch.randn(10, D), "visual_encoder.head.bias": torch.zeros(10),
+                         "visual_encoder.norm.weight": torch.ones(D), "visual_encoder.norm.bias": torch.zeros(D)}
+    with pytest.warns(UserWarning, match=r"visual_encoder\.head\.\*"):
+        _assert_same_tensors(export_lavis(load_lavis(finetuned, stage1_model.config)), state)
+    cfg = stage1_model.config
+    default_index = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, layer_index=-2))
+    with pytest.raises(WeightsError, match=r"vision\.layer_index=-1"):
+        load_lavis(finetuned, default_index)
+    shallow = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, layers=n - 1))
+    with pytest.raises(WeightsError, match=rf"has {n} blocks.*set vision\.layers={n}"):
+        load_lavis(finetuned, shallow)
+
+
+def test_lavis_own_vit_and_vision_weights_is_refused(stage1_model):
+    state = export_lavis(stage1_model)
+    n = len(stage1_model.image_encoder.vision_model.encoder.layers)
+    with pytest.raises(WeightsError, match="holds its own ViT .*pass one or the other"):
+        load_lavis(state, stage1_model.config, vision_weights=_eva_file(state, n))
+
+
+def test_lavis_stage2_file_keeps_the_llms_tied_copies(generation):
+    """LAVIS's runner deletes the frozen tensors `named_parameters()` lists, which skips a tied
+    tensor's second name: OPT's lm_head.weight, T5's encoder/decoder embed_tokens stay in the
+    file (in the LLM's fp16). They are copies, not the LLM: checked against it and dropped."""
+    kind, hf, _ = generation
+    ours = _zero_key_bias(from_hf(hf, **IDS))
+    state = export_lavis(ours)
+    prefix = "opt" if kind == "opt" else "t5"
+    copies = ["lm_head.weight"] if kind == "opt" else ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+    embed = ours.llm.model.get_input_embeddings().weight.detach()
+    trainable = export_lavis(ours, include_frozen=False) | {f"{prefix}_model.{c}": embed.half() for c in copies}
+    vit = _vit(state)
+    with pytest.warns(UserWarning) as seen:
+        loaded = load_lavis(trainable, ours.config, language_model=ours.llm.model, vision_weights=vit)
+    said = " | ".join(str(w.message) for w in seen)
+    assert all(f"{prefix}_model.{c}" in said for c in copies) and "tied copies" in said
+    _assert_same_tensors(export_lavis(loaded), state)
+    other = trainable | {f"{prefix}_model.{copies[0]}": (embed + 1).half()}
+    with pytest.raises(WeightsError, match=rf"{prefix}_model\.{re.escape(copies[0])} .*trained with another LLM"):
+        load_lavis(other, ours.config, language_model=ours.llm.model, vision_weights=vit)
 
 
 def test_export_lavis_refuses_a_key_bias(stage1_model):

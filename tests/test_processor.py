@@ -310,8 +310,11 @@ def test_dec_token_added_once():
     proc = Blip2Processor(S, CLIP_MEAN, CLIP_STD, twice)
     assert proc.dec_token_id == len(base) == twice.bos_token_id  # appended, as 30522 after BERT's 30522
     assert (proc.cls_token_id, proc.sep_token_id, proc.pad_token_id) == (2, 3, 0)
-    with pytest.raises(ValueError, match="make_qformer_tokenizer"):
-        Blip2Processor(S, CLIP_MEAN, CLIP_STD, base)
+    plain = Blip2Processor(S, CLIP_MEAN, CLIP_STD, base)  # a retrieval checkpoint's BERT: matches, cannot caption
+    assert plain.dec_token_id is None
+    with pytest.raises(ValueError, match="qformer.dec_token_id is 30522 .*make_qformer_tokenizer"):
+        plain.check_qformer_config(QFormerConfig(vocab_size=30523, cls_token_id=2, sep_token_id=3,
+                                                 pad_token_id=0, dec_token_id=30522))
 
 
 def test_qformer_text(proc, qtok):

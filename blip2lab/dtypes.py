@@ -1,0 +1,45 @@
+"""Precision names: one reading of `dtype=` / `llm_dtype=` for every entry point.
+
+transformers names a precision by a torch dtype or by its name ("bfloat16", "float16",
+"float32", "auto"); code written for it passes strings. Every blip2lab function that takes a
+dtype runs it through `as_dtype`, so `blip2lab.load(folder, dtype="bfloat16")` means what
+`dtype=torch.bfloat16` means, and a wrong name is an error naming the argument.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+import torch
+
+__all__ = ["DTYPE_NAMES", "DtypeLike", "as_dtype", "dtype_name"]
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float64": torch.float64, "double": torch.float64,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+DtypeLike = Union[torch.dtype, str, None]
+
+
+def as_dtype(value: DtypeLike, what: str = "dtype") -> Union[torch.dtype, Literal["auto"], None]:
+    """None -> None; a floating torch dtype -> itself; "auto" -> "auto" (the caller says what
+    it means there); a name ("bfloat16", "bf16", "torch.float16", ...) -> its torch dtype.
+    Anything else is a ValueError naming `what`."""
+    if value is None or isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if isinstance(value, str):
+        name = value.strip().lower().removeprefix("torch.")
+        if name == "auto":
+            return "auto"
+        if name in DTYPE_NAMES:
+            return DTYPE_NAMES[name]
+    raise ValueError(f"{what} must be a floating torch dtype or one of its names "
+                     f"({', '.join(sorted(set(DTYPE_NAMES) | {'auto'}))}), got {value!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the names LLMConfig.dtype and config files use)."""
+    return str(dtype).removeprefix("torch.")
