@@ -52,8 +52,8 @@ from PIL import Image
 
 import blip2lab
 from blip2lab import explain
-from blip2lab.data import shapes as world
-from blip2lab.gallery import Gallery, Hit
+from blip2lab.worlds.shapes import world
+from blip2lab.search.gallery import Gallery, Hit
 from blip2lab.pipeline import PRESETS, Blip2Pipeline
 from blip2lab.processor import load_image
 
@@ -889,7 +889,7 @@ def selector_updates() -> tuple:
 
 
 def model_choices() -> list[str]:
-    from blip2lab.official import KNOWN_CHECKPOINTS
+    from blip2lab.formats.hf import KNOWN_CHECKPOINTS
 
     return sorted(PRESETS) + sorted(KNOWN_CHECKPOINTS)
 

@@ -68,7 +68,7 @@ def peak_rss_added(fn: Callable[[], object]) -> int:
     """Bytes the process's peak RSS rose above its RSS just before one call of fn: that
     call's working memory. Freed memory is first handed back to the system (malloc_trim), so
     what an earlier call left in the allocator's free lists does not hide this one's."""
-    from blip2lab.train import release_free_memory
+    from blip2lab.training.loop import release_free_memory
 
     gc.collect()
     release_free_memory()

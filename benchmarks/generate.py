@@ -78,8 +78,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
 
-    from blip2lab.generation import DecodingConfig
-    from blip2lab.weights import from_hf
+    from blip2lab.decoding.generation import DecodingConfig
+    from blip2lab.formats.hf import from_hf
 
     size = SIZES[args.size]
     dtype = getattr(torch, args.dtype)

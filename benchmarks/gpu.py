@@ -263,7 +263,7 @@ def build_pair(size: Size, lm: str | None, device: torch.device, dtype: torch.dt
     when lm is None) built directly on `device`, and blip2lab's model converted from it."""
     from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
-    from blip2lab.weights import from_hf
+    from blip2lab.formats.hf import from_hf
 
     config = hf_config(size, lm)
     with torch.device(device):
@@ -295,7 +295,7 @@ def free() -> None:
 
 
 def part_caption(size: Size, lm: str, device: torch.device, dtype: torch.dtype, report: Report) -> None:
-    from blip2lab.generation import DecodingConfig
+    from blip2lab.decoding.generation import DecodingConfig
 
     hf, ours = build_pair(size, lm, device, dtype)
     B, Q, L = size.caption_batch, size.queries, size.new_tokens

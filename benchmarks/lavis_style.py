@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blip2lab import dist, losses as L
-from blip2lab.blip2 import Blip2
-from blip2lab.qformer import Attention, QFormerLayer, attention_mask
+from blip2lab import dist
+from blip2lab.model import losses as L
+from blip2lab.model.blip2 import Blip2
+from blip2lab.model.qformer import Attention, QFormerLayer, attention_mask
 
 
 def _extended(mask: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ def build(size: dict, seed: int = 0):
     the blip2lab model converted from it."""
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
-    from blip2lab.weights import from_hf_retrieval
+    from blip2lab.formats.hf import from_hf_retrieval
 
     torch.manual_seed(seed)
     patch = 14 if size["tokens"] == 257 else 8

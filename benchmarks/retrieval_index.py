@@ -73,7 +73,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from blip2lab.index import ImageIndex, TextIndex, index_from_embeddings  # noqa: E402
+from blip2lab.search.index import ImageIndex, TextIndex, index_from_embeddings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "runs" / "retrieval_index"
@@ -173,8 +173,8 @@ def build_synthetic(name: str, n_images: int, n_texts: int,
 def build_shapes(pipe, n_images: int, batch_size: int = 256) -> tuple[ImageIndex, TextIndex, list, dict]:
     """Real shapes-stage1 embeddings (cached): n_images test scenes (seed 0) and their
     canonical captions (distinct strings encoded once)."""
-    from blip2lab.data import shapes
-    from blip2lab.index import build_image_index
+    from blip2lab.worlds.shapes import world as shapes
+    from blip2lab.search.index import build_image_index
 
     folder = CACHE / f"shapes-stage1-{n_images}"
     times = _load_times(folder)
@@ -204,8 +204,8 @@ def build_minireal(pipe, batch_size: int = 64) -> tuple[ImageIndex, TextIndex, l
     """Real embeddings from real backbones (cached): the shipped mini-real model (EfficientNet-
     Lite0 + MiniLM + a Q-Former trained here) over every clipart of Debian's Open Clip Art, and
     their titles (`name`). 5,094 images: a check of the embeddings' structure, not of scale."""
-    from blip2lab.data import clipart
-    from blip2lab.index import build_image_index, build_text_index
+    from blip2lab.worlds.minireal import clipart
+    from blip2lab.search.index import build_image_index, build_text_index
 
     folder = CACHE / "minireal"
     times = _load_times(folder)
@@ -224,7 +224,7 @@ def build_minireal(pipe, batch_size: int = 64) -> tuple[ImageIndex, TextIndex, l
 
 
 def render(scenes: list, keys: list[str]) -> np.ndarray:
-    from blip2lab.data import shapes
+    from blip2lab.worlds.shapes import world as shapes
 
     return shapes.render_batch([scenes[int(k.rsplit("/", 1)[1])] for k in keys])  # (b, H, W, 3) uint8
 

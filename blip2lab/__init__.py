@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 def load(name_or_path, retrieval=None, device="cpu", **kwargs):
     """A ready pipeline (caption / answer / match / embed_images / embed_texts); see
     `blip2lab.pipeline.load`."""
-    from .pipeline import load as _load
+    from blip2lab.pipeline import load as _load
 
     return _load(name_or_path, retrieval=retrieval, device=device, **kwargs)
 

@@ -105,18 +105,18 @@ def _shapes_parser(sub) -> None:
 
 
 def _shapes(args: argparse.Namespace) -> None:
-    from .recipes import shapes as recipe
+    from blip2lab.worlds.shapes import recipe
 
     cmd = args.shapes_command
     if cmd == "pretrain-vision":
-        from .backbones import vision
+        from blip2lab.worlds.shapes import vision_backbone as vision
 
         out = args.out or str(recipe.BACKBONES / "vit")
         kwargs = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
         print(json.dumps(vision.pretrain_vision(out, **kwargs), indent=2))
         return
     if cmd == "pretrain-lm":
-        from .backbones import text
+        from blip2lab.worlds.shapes import text_backbones as text
 
         for which in args.which.split(","):
             out = args.out or str(recipe.BACKBONES / which)
@@ -139,7 +139,7 @@ def _shapes(args: argparse.Namespace) -> None:
                                         progress=progress)
         print(json.dumps(timing, indent=2))
     else:
-        from .pipeline import load
+        from blip2lab.pipeline import load
 
         tasks = ("caption", "vqa", "retrieval") if args.task == "all" else (args.task,)
         print(json.dumps(recipe.evaluate(load(args.model), preset, args.seed, tasks), indent=2, default=str))
@@ -170,7 +170,7 @@ def _minireal_parser(sub) -> None:
 
 
 def _minireal(args: argparse.Namespace, command: str) -> None:
-    from .recipes import minireal as recipe
+    from blip2lab.worlds.minireal import recipe
 
     preset = recipe.preset_with(args.preset, args.set)
     out, progress, meteor = Path(args.out), not args.quiet, not args.no_meteor
@@ -215,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "minireal":
         _minireal(args, " ".join(["blip2lab", *(sys.argv[1:] if argv is None else argv)]))
         return 0
-    from .pipeline import load
+    from blip2lab.pipeline import load
 
     try:
         pipe = load(args.model, retrieval=getattr(args, "retrieval", None), device=args.device)

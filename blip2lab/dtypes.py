@@ -8,11 +8,12 @@ dtype runs it through `as_dtype`, so `blip2lab.load(folder, dtype="bfloat16")` m
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
 
-__all__ = ["DTYPE_NAMES", "DtypeLike", "as_dtype", "dtype_name"]
+__all__ = ["DTYPE_NAMES", "DtypeLike", "as_dtype", "dtype_name", "pick_dtype", "native_bf16"]
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float64": torch.float64, "double": torch.float64,
@@ -43,3 +44,34 @@ def as_dtype(value: DtypeLike, what: str = "dtype") -> Union[torch.dtype, Litera
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16" (the names LLMConfig.dtype and config files use)."""
     return str(dtype).removeprefix("torch.")
+
+
+def pick_dtype(requested: str, kind: str, device: torch.device | str) -> torch.dtype:
+    """The precision policy for the frozen LLM (BLIP2_REFERENCE.md Sec. 3, 8): fp32 on the
+    CPU; on a GPU bf16 where supported, else fp16, except T5 which overflows in fp16 and so
+    runs bf16 or fp32. An explicit request wins, but fp16 is refused for T5."""
+    device = torch.device(device)
+    if requested != "auto":
+        dtype = as_dtype(requested, "llm.dtype")
+        if kind == "encoder_decoder" and dtype == torch.float16:
+            raise ValueError("llm.dtype float16 is refused for T5 / FlanT5: it overflows (use bfloat16 or float32)")
+        return dtype
+    if device.type != "cuda":
+        return torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32 if kind == "encoder_decoder" else torch.float16
+
+
+def native_bf16(device: Optional[torch.device | str] = None) -> bool:
+    """Whether bf16 runs natively on `device` (default: CUDA when present, else the CPU): a
+    CUDA device that has it, or a CPU with AVX512-BF16 or AMX (Linux's /proc/cpuinfo flags).
+    Elsewhere a CPU emulates bf16, slower than fp32."""
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if cuda:
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

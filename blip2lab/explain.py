@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import Tensor
 
-from .blip2 import Blip2
+from blip2lab.model.blip2 import Blip2
 
 Reduce = Literal["mean", "max"]
 

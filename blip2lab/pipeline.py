@@ -22,14 +22,15 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .blip2 import Blip2
-from .dtypes import as_dtype
-from .explain import CrossAttentionMaps, GradCam, cross_attention_maps, itm_gradcam
-from .generation import DecodingConfig
-from .processor import Blip2Processor, tokenizer_from_path
-from .weights import CONFIG_NAME, load_pretrained, save_pretrained
+from blip2lab.model.blip2 import Blip2
+from blip2lab.dtypes import as_dtype
+from blip2lab.explain import CrossAttentionMaps, GradCam, cross_attention_maps, itm_gradcam
+from blip2lab.decoding.generation import DecodingConfig
+from blip2lab.processor import Blip2Processor
+from blip2lab.formats.sources import tokenizer_from_path
+from blip2lab.formats.native import CONFIG_NAME, load_pretrained, save_pretrained
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+from blip2lab.paths import MODELS_DIR  # noqa: E402 (the shipped models)
 QFORMER_TOKENIZER_DIR, LLM_TOKENIZER_DIR = "qformer_tokenizer", "llm_tokenizer"
 # A pipeline folder may name its retrieval model: {"retrieval": "<folder, relative to this one>"}.
 PIPELINE_NAME = "pipeline.json"
@@ -268,7 +269,7 @@ def _load_blip2lab(path: Path, device: str, dtype=None, **unknown: Any) -> Blip2
 
 
 def _load_official(source: str, device: str, **kwargs: Any) -> Blip2Pipeline:
-    from . import official
+    from blip2lab.formats import hf as official
 
     qtok, ltok = official.load_official_tokenizers(source)
     model = official.load_official(source, qformer_tokenizer=qtok, **kwargs).to(device)
@@ -312,7 +313,7 @@ def _llm_dtype(llm_dtype: Optional[str | torch.dtype], device: torch.device | st
     """`llm_dtype` of `load` / `set_llm_dtype` -> the dtype for the frozen LLM (None: keep its own)."""
     dtype = as_dtype(llm_dtype, "llm_dtype")
     if dtype == "auto":
-        from .train import native_bf16
+        from blip2lab.dtypes import native_bf16
 
         return torch.bfloat16 if native_bf16(device) else None
     return dtype
@@ -337,7 +338,7 @@ def _load_one(name_or_path: str | Path, device: str, llm_dtype: Optional[torch.d
 
 def _official_ids() -> list[str]:
     try:
-        from .official import KNOWN_CHECKPOINTS
+        from blip2lab.formats.hf import KNOWN_CHECKPOINTS
 
         return sorted(KNOWN_CHECKPOINTS)[:3] + ["..."]
     except ImportError:

@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import os
 import random
 import re
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -34,10 +36,12 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "load_image",
+    "CropConfig",
+    "crop_params",
+    "ImageTransform",
     "Blip2Processor",
     "make_qformer_tokenizer",
     "qformer_token_ids",
-    "tokenizer_from_path",
     "clean_caption",
 ]
 
@@ -251,6 +255,127 @@ def _flatten(img: Image.Image) -> Image.Image:
         raise ValueError(f"cannot convert an image of mode {img.mode!r} to RGB: {e}") from e
 
 
+# -- the image transform (training crops, evaluation, serving) ----------------------------
+
+@dataclass(frozen=True)
+class CropConfig:
+    """The training augmentation whose outputs are cached, and how many views per image."""
+
+    crops: int = 4  # K views stored per image; training reads one per image per epoch
+    # Area share of the crop, as RandomResizedCrop's `scale` (LAVIS min_scale 0.5, max_scale 1.0).
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect range of the crop (torchvision's default)
+    # The paper's horizontal flip (p = 0.5). Off where captions say "left" / "right" (the
+    # shapes world): a flipped image would contradict its caption.
+    hflip: bool = True
+    seed: int = 0  # the views are a pure function of (seed, image index, view index)
+
+    def __post_init__(self) -> None:
+        if self.crops < 1:
+            raise ValueError(f"crops must be >= 1, got {self.crops}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+
+    @property
+    def identity(self) -> bool:
+        """No augmentation at all: every view is the whole image, resized."""
+        return self.scale == (1.0, 1.0) and self.ratio[0] <= 1 <= self.ratio[1] and not self.hflip
+
+
+def crop_params(height: int, width: int, crop: CropConfig, rng: random.Random) -> tuple[int, int, int, int, bool]:
+    """(top, left, h, w, flip) of one view: torchvision's RandomResizedCrop.get_params
+    (10 tries at a random area and log-uniform aspect, else a central crop), drawn from
+    `rng` instead of torch's global generator so a view is reproducible on its own."""
+    flip = crop.hflip and rng.random() < 0.5
+    area = height * width
+    log_ratio = (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*crop.scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w, flip
+    in_ratio = width / height  # fallback: the largest central crop within the ratio range
+    if in_ratio < crop.ratio[0]:
+        w, h = width, int(round(width / crop.ratio[0]))
+    elif in_ratio > crop.ratio[1]:
+        h, w = height, int(round(height * crop.ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w, flip
+
+
+def _as_uint8_chw(image: Any) -> Tensor:
+    """A PIL image, or an (H, W, 3) / (3, H, W) uint8 array or tensor -> (3, H, W) uint8."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if isinstance(image, Tensor):
+        t = image.permute(2, 0, 1) if image.ndim == 3 and image.shape[0] != 3 else image  # (H, W, 3) -> (3, H, W)
+    else:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        t = pil_to_tensor(image.convert("RGB"))
+    if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[0] != 3:
+        raise ValueError(f"images must be RGB uint8 (PIL, or (H, W, 3) / (3, H, W) array or tensor); "
+                         f"got {t.dtype} {tuple(t.shape)}")
+    return t
+
+
+class ImageTransform:
+    """The one image transform of blip2lab: training, evaluation, serving and feature caches
+    all call it, so what a model is trained on and what it is served are the same pixels.
+
+    The whole image (`__call__`: evaluation, serving) or a crop of it (`view`: the paper's
+    training augmentation, RandomResizedCrop + horizontal flip) is resized to S x S with PIL's
+    bicubic filter, as LAVIS's transforms do on PIL images (`blip_image_eval`,
+    `blip_image_train`) and transformers' BlipImageProcessorPil; then ToTensor and Normalize.
+    Images already S x S (rendered scenes) skip the resize (`normalize`)."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+        self.image_size = int(image_size)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.max_pixels = max_pixels
+
+    def __call__(self, image: Any) -> Tensor:
+        """One image (anything load_image takes) -> normalised pixels (3, S, S), float32."""
+        S = self.image_size
+        img = load_image(image, max_pixels=self.max_pixels, target_size=S)
+        return self.normalize(img.resize((S, S), Image.Resampling.BICUBIC))
+
+    def view(self, image: Any, crop: CropConfig, index: int, view: int) -> Tensor:
+        """View `view` of image `index`: its crop box and flip drawn from (crop.seed, index,
+        view) alone (`crop_params`), resized, flipped, normalised -> (3, S, S). The identity
+        crop gives exactly `__call__`'s pixels."""
+        S = self.image_size
+        img = load_image(_channels_last(image), max_pixels=self.max_pixels)
+        rng = random.Random(f"{crop.seed}/{index}/{view}")
+        top, left, h, w, flip = (0, 0, img.height, img.width, False) if crop.identity else \
+            crop_params(img.height, img.width, crop, rng)
+        out = img.resize((S, S), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        return self.normalize(out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out)
+
+    def normalize(self, pixels: Any) -> Tensor:
+        """S x S uint8 pixels - a PIL image, (S, S, 3) or a batch (B, S, S, 3) array - ->
+        float (3, S, S) or (B, 3, S, S), normalised with mean / std."""
+        x = torch.from_numpy(np.array(pixels, dtype=np.uint8))  # (..., S, S, 3), a copy torch may write
+        x = x.movedim(-1, -3).float().div_(255.0)  # (..., 3, S, S)
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+def _channels_last(image: Any) -> Any:
+    """A (3, H, W) array or tensor -> (H, W, 3) numpy, for load_image; anything else as is."""
+    if isinstance(image, Tensor):
+        image = image.cpu().numpy()
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        return np.ascontiguousarray(image.transpose(1, 2, 0))
+    return image
+
+
 # -- tokenizers ----------------------------------------------------------------------------
 
 
@@ -272,17 +397,6 @@ def qformer_token_ids(qformer_tokenizer) -> dict[str, Optional[int]]:
     dec = tok.convert_tokens_to_ids("[DEC]") if "[DEC]" in tok.get_vocab() else None
     return dict(cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
                 dec_token_id=dec)
-
-
-def tokenizer_from_path(path: str | os.PathLike):
-    """`AutoTokenizer.from_pretrained`, offline when `path` is a local folder (a `package:`
-    path or a `.gguf` file is resolved first, see sources.local_model)."""
-    from transformers import AutoTokenizer
-
-    from .sources import local_model
-
-    path = local_model(path)
-    return AutoTokenizer.from_pretrained(path, local_files_only=Path(path).is_dir())
 
 
 def clean_caption(text: str, max_words: int = 50) -> str:
@@ -365,6 +479,7 @@ class Blip2Processor:
             raise ValueError(f"max_question_chars must be > 0, got {max_question_chars}")
         if max_pixels is not None and max_pixels <= 0:
             raise ValueError(f"max_pixels must be > 0 or None, got {max_pixels}")
+        self.transform = ImageTransform(image_size, mean, std, max_pixels)
         self.image_size = int(image_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
@@ -403,17 +518,10 @@ class Blip2Processor:
     # -- images ------------------------------------------------------------------------------
 
     def image(self, image: Any) -> Tensor:
-        """One image (anything load_image takes) -> normalised pixels (3, S, S), float32.
-        The whole image squashed to SxS with bicubic resampling, then ToTensor and
-        Normalize: the eval transform of ImageEncoder.preprocess, LAVIS `blip_image_eval`
-        and HF's BlipImageProcessor."""
-        S = self.image_size
-        img = load_image(image, max_pixels=self.max_pixels, target_size=S)
-        img = img.resize((S, S), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return x.sub_(mean).div_(std)
+        """One image (anything load_image takes) -> normalised pixels (3, S, S), float32:
+        the whole image squashed to S x S (`ImageTransform`), as LAVIS's `blip_image_eval`."""
+        self.transform.max_pixels = self.max_pixels  # callers (the app) may tighten the limit after building
+        return self.transform(image)
 
     def images(self, images: Sequence[Any]) -> Tensor:
         """A list of images -> pixels (B, 3, S, S), float32, normalised."""

@@ -48,11 +48,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from blip2lab import analysis
-from blip2lab.backbones import text as text_backbones
-from blip2lab.backbones import vision as vision_backbone
-from blip2lab.data import shapes as world
-from blip2lab.recipes.shapes import BACKBONES
+from blip2lab.worlds.shapes import analysis
+from blip2lab.worlds.shapes import text_backbones
+from blip2lab.worlds.shapes import vision_backbone
+from blip2lab.worlds.shapes import world
+from blip2lab.worlds.shapes.recipe import BACKBONES
 
 torch.set_num_threads(1)
 START = time.perf_counter()

@@ -42,11 +42,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from blip2lab import analysis
+from blip2lab.worlds.shapes import analysis
 from blip2lab.config import QFormerConfig
-from blip2lab.data import shapes as world
-from blip2lab.qformer import QFormer, attention_mask
-from blip2lab.recipes import shapes as recipe
+from blip2lab.worlds.shapes import world
+from blip2lab.model.qformer import QFormer, attention_mask
+from blip2lab.worlds.shapes import recipe
+from blip2lab.model import summary
 
 torch.set_num_threads(1)
 START = time.perf_counter()
@@ -69,7 +70,7 @@ print(f"Q-Former: width {q.hidden_size}, {q.num_layers} layers, {q.num_heads} he
 print("layers with cross-attention:", [i for i in range(q.num_layers) if q.has_cross_attention(i)])
 
 # %%
-counts = analysis.parameter_counts(model)
+counts = summary.parameter_counts(model)
 total = sum(r["params"] for r in counts.values())
 trainable = sum(r["trainable"] for r in counts.values())
 print(f"{'part':62s}{'params':>10s}{'trainable':>11s}")
@@ -95,7 +96,7 @@ plt.show()
 # %%
 with torch.device("meta"):
     paper_q = QFormer(QFormerConfig(), vision_width=1408)
-paper = analysis.parameter_counts(torch.nn.ModuleDict({"qformer": paper_q}))
+paper = summary.parameter_counts(torch.nn.ModuleDict({"qformer": paper_q}))
 paper_total = sum(r["params"] for r in paper.values())
 for part, r in paper.items():
     print(f"{part:62s}{r['params'] / 1e6:8.1f}M")
@@ -146,7 +147,7 @@ scenes = world.make_split("train", BATCH, 0)
 pixels = processor.images([world.render(s) for s in scenes])
 text = processor.qformer_text([world.caption(s) for s in scenes])
 stage1 = recipe.build_model(recipe.shapes_config(None, preset))
-records = analysis.trace_shapes(stage1, lambda: stage1(text["text_ids"], text["text_mask"], pixels=pixels,
+records = summary.trace_shapes(stage1, lambda: stage1(text["text_ids"], text["text_mask"], pixels=pixels,
                                                         image_ids=torch.arange(BATCH)), depth=3)
 seen = set()
 for name, cls, shape in records:

@@ -56,10 +56,10 @@ import numpy as np
 import torch
 
 import blip2lab
-from blip2lab import analysis
-from blip2lab.data import shapes as world
+from blip2lab.worlds.shapes import analysis
+from blip2lab.worlds.shapes import world
 from blip2lab.pipeline import PRESETS as SHIPPED_MODELS
-from blip2lab.recipes import shapes as recipe
+from blip2lab.worlds.shapes import recipe
 
 torch.set_num_threads(1)
 START = time.perf_counter()

@@ -55,7 +55,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from blip2lab.recipes import ablations, shapes as recipe
+from blip2lab.worlds.shapes import ablations, recipe
 
 torch.set_num_threads(1)
 START = time.perf_counter()

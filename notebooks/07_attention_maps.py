@@ -53,10 +53,11 @@ import torch
 from IPython.display import display
 
 import blip2lab
-from blip2lab import analysis, explain
-from blip2lab.data import shapes as world
+from blip2lab.worlds.shapes import analysis
+from blip2lab import explain
+from blip2lab.worlds.shapes import world
 from blip2lab.pipeline import PRESETS as SHIPPED_MODELS
-from blip2lab.recipes import ablations, shapes as recipe
+from blip2lab.worlds.shapes import ablations, recipe
 
 torch.set_num_threads(1)
 START = time.perf_counter()

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from IPython.display import display
 
-from blip2lab.recipes import ablations, shapes as recipe
+from blip2lab.worlds.shapes import ablations, recipe
 
 torch.set_num_threads(1)
 START = time.perf_counter()

@@ -46,9 +46,9 @@ import torch
 from PIL import Image
 
 import blip2lab
-from blip2lab import official
-from blip2lab.data import shapes as world
-from blip2lab.demo import tiny_official_checkpoints
+from blip2lab.formats import hf as official
+from blip2lab.worlds.shapes import world
+from blip2lab.worlds.shapes.official_demo import tiny_official_checkpoints
 
 torch.set_num_threads(1)
 START = time.perf_counter()

@@ -54,13 +54,16 @@ import numpy as np
 import torch
 
 import blip2lab
-from blip2lab import analysis, explain
-from blip2lab.backbones import minireal as parts
-from blip2lab.blip2 import Blip2
-from blip2lab.data import clipart, photos as bundled
-from blip2lab.data import shapes as world
+from blip2lab.worlds.shapes import analysis
+from blip2lab import explain
+from blip2lab.worlds.minireal import backbones as parts
+from blip2lab.model.blip2 import Blip2
+from blip2lab.worlds.minireal import clipart, photos as bundled
+from blip2lab.worlds.shapes import world
 from blip2lab.pipeline import PRESETS as SHIPPED_MODELS
-from blip2lab.recipes import minireal as recipe
+from blip2lab.worlds.minireal import recipe
+from blip2lab.formats import build_model
+from blip2lab.model import summary
 
 torch.set_num_threads(1)
 START = time.perf_counter()
@@ -77,7 +80,7 @@ PHOTOS = {n: bundled.load_photo(n) for n in (PHOTO_NAMES or list(bundled.PHOTOS)
 # packages `make` installs and is checked against a fingerprint stored with the weights.
 
 # %%
-counts = analysis.parameter_counts(pipe.model)
+counts = summary.parameter_counts(pipe.model)
 for part, row in counts.items():
     print(f"{part:58s} {row['params'] / 1e6:8.2f}M  trainable {row['trainable'] / 1e6:6.2f}M")
 total = sum(r["params"] for r in counts.values())
@@ -246,10 +249,10 @@ RESULTS["map_spread"] = spread
 # %%
 torch.manual_seed(0)
 fresh_config = recipe.config_for(replace(recipe.PRESETS["default"], query_init="normal"), llm=False)
-fresh = Blip2(fresh_config).eval()
-fresh_text = Blip2(recipe.config_for(recipe.PRESETS["default"], llm=False)).eval()  # query_init="text"
+fresh = build_model(fresh_config).eval()
+fresh_text = build_model(recipe.config_for(recipe.PRESETS["default"], llm=False)).eval()  # query_init="text"
 fresh_config.qformer.init_from = None  # the same shapes, every Q-Former weight random
-random_init = Blip2(fresh_config).eval()
+random_init = build_model(fresh_config).eval()
 photo, scene_image = PHOTOS[names[0]], world.render(scenes[0])
 pixels, scene_pixels = pipe.processor.images([photo]), shapes.processor.images([scene_image])
 collapse = {name: analysis.query_collapse(model.qformer, model.encode_image(x)) for name, model, x in (

@@ -23,7 +23,7 @@ def shipped_model_available() -> bool:
 
 
 def _sentences() -> list[str]:
-    from blip2lab.data import shapes as world
+    from blip2lab.worlds.shapes import world
 
     rng = random.Random(0)
     out = []
@@ -38,7 +38,7 @@ def _tokenizers():
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from blip2lab.data import shapes as world
+    from blip2lab.worlds.shapes import world
     from blip2lab.processor import make_qformer_tokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(world.VOCABULARY) + list(world.PUNCTUATION)
@@ -68,7 +68,7 @@ def build_tiny_shapes_pipeline(path: str | Path, seed: int = 0) -> Path:
     """Save a random shapes-like pipeline folder at `path` (`blip2lab.load` opens it)."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from blip2lab.blip2 import Blip2
+    from blip2lab.model.blip2 import Blip2
     from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
     from blip2lab.pipeline import Blip2Pipeline
     from blip2lab.processor import Blip2Processor

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import blip2lab
-from blip2lab import analysis
-from blip2lab.blip2 import Blip2
-from blip2lab.data import shapes as world
-from blip2lab.recipes import ablations as A
-from blip2lab.recipes import shapes as R
+from blip2lab.worlds.shapes import analysis
+from blip2lab.model.blip2 import Blip2
+from blip2lab.worlds.shapes import world
+from blip2lab.worlds.shapes import ablations as A
+from blip2lab.worlds.shapes import recipe as R
+from blip2lab.model import summary
 from conftest import tiny_config
 
 MICRO = R.preset_with("tiny", ["n_train=32", "stage1_steps=2", "stage2_steps=2", "stage1_batch=8",
@@ -77,7 +78,7 @@ def test_query_collapse_measures_how_alike_the_queries_are():
 
 def test_parameter_counts_add_up_and_know_what_is_frozen():
     model = Blip2(tiny_config())
-    counts = analysis.parameter_counts(model)
+    counts = summary.parameter_counts(model)
     assert sum(r["params"] for r in counts.values()) == sum(p.numel() for p in model.parameters())
     assert counts["frozen image encoder"]["trainable"] == 0
     assert counts["Q-Former: cross-attention (queries -> image)"]["params"] > 0
@@ -87,7 +88,7 @@ def test_parameter_counts_add_up_and_know_what_is_frozen():
 def test_trace_shapes_follows_a_forward_pass():
     model = Blip2(tiny_config())
     pixels = torch.randn(2, 3, 32, 32)
-    records = analysis.trace_shapes(model, lambda: model.encode_image(pixels), depth=2)
+    records = summary.trace_shapes(model, lambda: model.encode_image(pixels), depth=2)
     shapes = dict((name, shape) for name, _, shape in records)
     assert shapes["ln_vision"] == (2, 17, 24)  # 1 + (32/8)^2 tokens, width 24
     assert not any(name.startswith("image_encoder.") for name in shapes)
@@ -106,7 +107,7 @@ def test_altered_scene_changes_one_fact():
 
 
 def test_image_neighbours_find_the_copy():
-    from blip2lab.backbones.vision import load_shapes_vision
+    from blip2lab.worlds.shapes.vision_backbone import load_shapes_vision
 
     scenes = world.make_split("test", 6, 0)
     idx, cos = analysis.image_neighbours(load_shapes_vision(R.BACKBONES / "vit"), scenes + scenes[:1], k=2)
@@ -206,7 +207,7 @@ def test_mean_sd():
 
 
 def test_tiny_official_checkpoints_load_like_official_ones(tmp_path):
-    from blip2lab.demo import tiny_official_checkpoints
+    from blip2lab.worlds.shapes.official_demo import tiny_official_checkpoints
 
     gen, itm, ids = tiny_official_checkpoints(tmp_path)
     assert json.loads((gen / "config.json").read_text())["architectures"] == ["Blip2ForConditionalGeneration"]

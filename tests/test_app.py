@@ -18,8 +18,8 @@ from app_fixture import ROOT, model_for_tests
 
 sys.path.insert(0, str(ROOT))  # app.py lives at the repository root
 import app  # noqa: E402
-from blip2lab.data import shapes as world  # noqa: E402
-from blip2lab.gallery import Gallery  # noqa: E402
+from blip2lab.worlds.shapes import world  # noqa: E402
+from blip2lab.search.gallery import Gallery  # noqa: E402
 from blip2lab.pipeline import VQA_DECODING, decoding_config  # noqa: E402
 
 torch.set_num_threads(1)

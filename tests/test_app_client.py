@@ -17,7 +17,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from app_fixture import ROOT, running_app, shipped_model_available
-from blip2lab.data import shapes as world
+from blip2lab.worlds.shapes import world
 
 ASSETS = ROOT / "assets" / "examples"
 GALLERY_SIZE = 300

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from blip2lab.blip2 import Blip2
+from blip2lab.model.blip2 import Blip2
 from blip2lab.config import QFormerConfig
-from blip2lab.qformer import QFormer
-from blip2lab.weights import WeightsError, init_qformer_from_bert
+from blip2lab.model.qformer import QFormer
+from blip2lab.formats.keys import WeightsError
+from blip2lab.formats.bert import init_qformer_from_bert
+from blip2lab.formats import build_model
 from conftest import random_text, tiny_config
 
 
@@ -64,7 +66,7 @@ def test_text_path_and_lm_head_compute_what_bert_computes(bert_dir):
 def test_model_initialises_from_config_path(bert_dir):
     path, bert = bert_dir
     cfg = tiny_config(init_from=str(path))
-    model = Blip2(cfg)
+    model = build_model(cfg)
     assert torch.equal(model.qformer.position_embeddings.weight, bert.bert.embeddings.position_embeddings.weight)
 
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from blip2lab import losses as L
-from blip2lab.blip2 import Blip2
+from blip2lab.model import losses as L
+from blip2lab.model.blip2 import Blip2
 from conftest import random_text, tiny_config
 
 

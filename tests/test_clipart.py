@@ -7,7 +7,7 @@ import errno
 import numpy as np
 import pytest
 
-from blip2lab.data import clipart as C
+from blip2lab.worlds.minireal import clipart as C
 
 COUCH = "buildings/furniture/soft_blue_couch_jonadab_01"
 GIMP = "computer/icons/lemon-theme/apps/gimp"  # title "Lemon SVG theme": a collection

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from blip2lab.config import (Blip2Config, ConfigError, QFormerConfig, RunConfig, TrainConfig, VisionConfig,
-                             apply_overrides, from_dict, load_json, save_json, to_dict)
+from blip2lab.config import (Blip2Config, ConfigError, QFormerConfig, RunConfig, TrainConfig, VisionConfig, apply_overrides, from_dict, load_json, save_json, to_dict)
 
 
 def test_derived_values_follow_their_inputs():

@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from blip2lab import dist as bdist
-from blip2lab.blip2 import Blip2
+from blip2lab.model.blip2 import Blip2
 from conftest import random_text, tiny_config
 
 B = 8

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blip2lab import evaluate as E
-from blip2lab.blip2 import Blip2
+from blip2lab.model.blip2 import Blip2
 from conftest import random_text, tiny_config
 
 # -- captions ----------------------------------------------------------------------------

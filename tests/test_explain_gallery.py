@@ -9,8 +9,8 @@ from PIL import Image
 import blip2lab
 from app_fixture import build_tiny_shapes_pipeline
 from blip2lab import explain
-from blip2lab.data import shapes as world
-from blip2lab.gallery import Gallery
+from blip2lab.worlds.shapes import world
+from blip2lab.search.gallery import Gallery
 
 torch.set_num_threads(1)
 

@@ -7,10 +7,10 @@ import contextlib
 import pytest
 import torch
 
-from blip2lab.blip2 import Blip2
+from blip2lab.model.blip2 import Blip2
 from blip2lab.config import LLMConfig
-from blip2lab.fast_lm import FastDecoder, FastOPT, FastT5, StaticSteps
-from blip2lab.generation import DecodingConfig
+from blip2lab.decoding.fast_lm import FastDecoder, FastOPT, FastT5, StaticSteps
+from blip2lab.decoding.generation import DecodingConfig
 from conftest import tiny_config
 
 EOS, PAD = 5, 0

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache, OPTConfig, OPTForCausalLM
 
 from blip2lab.config import ConfigError
-from blip2lab.generation import DecodingConfig, decode_sequences, generate, kv_reorder
+from blip2lab.decoding.generation import DecodingConfig, decode_sequences, generate, kv_reorder
 
 PAD = 1
 VOCAB = 50

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from blip2lab.weights import WeightsError, from_hf_retrieval
+from blip2lab.formats.keys import WeightsError
+from blip2lab.formats.hf import from_hf_retrieval
 from conftest import CLS, DEC, PAD, SEP, VOCAB, random_text
 
 
@@ -55,7 +56,7 @@ def test_query_outputs_and_text_cls_match(pair):
     torch.testing.assert_close(ours.image_features(image).hidden, q_hf, atol=1e-5, rtol=1e-5)
     t_hf = hf.qformer(query_embeds=hf.embeddings(input_ids=ids), query_length=0, attention_mask=mask).last_hidden_state
     text = ours.text_features(ids, mask)
-    torch.testing.assert_close(text.hidden[:, 0], t_hf[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text.cls, t_hf[:, 0], atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -83,7 +84,8 @@ def test_model_without_text_side_or_llm_is_refused():
 
 
 def test_leftover_key_is_named():
-    from blip2lab.weights import hf_table, remap
+    from blip2lab.formats.hf import hf_table
+    from blip2lab.formats.keys import remap
 
     hf = _hf_model()
     state = dict(hf.state_dict())

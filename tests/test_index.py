@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import blip2lab
-from blip2lab import index as ix
-from blip2lab.data import shapes
+from blip2lab.search import index as ix
+from blip2lab.worlds.shapes import world as shapes
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip2lab import losses as L
-from blip2lab.blip2 import Blip2
+from blip2lab.model import losses as L
+from blip2lab.model.blip2 import Blip2
 from conftest import random_text, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

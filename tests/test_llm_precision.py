@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import blip2lab
-from blip2lab.data import shapes as world
-from blip2lab.train import native_bf16
+from blip2lab.worlds.shapes import world
+from blip2lab.dtypes import native_bf16
 from app_fixture import build_tiny_shapes_pipeline
 
 

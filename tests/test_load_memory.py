@@ -10,9 +10,9 @@ import textwrap
 
 import torch
 
-from blip2lab.blip2 import Blip2
+from blip2lab.model.blip2 import Blip2
 from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from blip2lab.weights import load_pretrained, save_pretrained
+from blip2lab.formats.native import load_pretrained, save_pretrained
 from conftest import tiny_config
 
 
@@ -27,8 +27,8 @@ def _big_config() -> Blip2Config:
 
 MEASURE = textwrap.dedent("""
     import json, resource, sys
-    from blip2lab.weights import load_pretrained
-    import blip2lab.blip2, blip2lab.official, accelerate, open_clip, transformers  # imports outside the measure
+    from blip2lab.formats.native import load_pretrained
+    import blip2lab.model, blip2lab.formats, accelerate, open_clip, transformers  # imports outside the measure
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -50,7 +50,7 @@ MEASURE = textwrap.dedent("""
 
 def test_load_pretrained_peak_memory_is_about_one_copy(tmp_path):
     torch.manual_seed(0)
-    model = Blip2(_big_config(), init_from_bert=False)
+    model = Blip2(_big_config())
     save_pretrained(model, tmp_path / "big")
     del model
     # glibc returns large freed blocks to the system only above its (adaptive) mmap threshold;

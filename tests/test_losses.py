@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from blip2lab import losses as L
+from blip2lab.model import losses as L
 
 
 def _ce_smoothed(logits, target, eps=0.1):

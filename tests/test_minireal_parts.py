@@ -12,18 +12,21 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from blip2lab.backbones import minireal as mr
-from blip2lab.blip2 import Blip2
+from blip2lab.worlds.minireal import backbones as mr
+from blip2lab.model.blip2 import Blip2
 from blip2lab.config import Blip2Config, from_dict, to_dict
-from blip2lab.data.photos import load_photo
-from blip2lab.efficientnet import EfficientNetImageEncoder, efficientnet_taps, load_efficientnet_weights, lukemelas_table
-from blip2lab.fast_lm import FastLlama, fast_decoder
-from blip2lab.generation import DecodingConfig
-from blip2lab.llm import LanguageModel
+from blip2lab.worlds.minireal.photos import load_photo
+from blip2lab.model.image_encoder.efficientnet import EfficientNetImageEncoder, efficientnet_taps
+from blip2lab.formats.towers import load_efficientnet_weights, lukemelas_table
+from blip2lab.decoding.fast_lm import FastLlama, fast_decoder
+from blip2lab.decoding.generation import DecodingConfig
+from blip2lab.model.llm_bridge import LanguageModel
 from blip2lab.processor import Blip2Processor
-from blip2lab.sources import gguf_folder, local_model, package_path
-from blip2lab.vision import build_image_encoder
-from blip2lab.weights import WeightsError
+from blip2lab.formats.sources import gguf_folder, local_model, package_path
+from blip2lab.model.image_encoder import build_image_encoder
+from blip2lab.formats.keys import WeightsError
+from blip2lab.formats import build_model
+from blip2lab.processor import ImageTransform
 
 CAT_CLASSES = {"tabby, tabby cat", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat, Siamese"}
 COFFEE_CLASSES = {"espresso", "cup", "coffee mug"}
@@ -43,7 +46,7 @@ def one_thread():
 def model(one_thread):
     """The whole mini-real BLIP-2, every part from its package (one build for the module)."""
     torch.manual_seed(0)
-    return Blip2(mr.minireal_config()).eval()
+    return build_model(mr.minireal_config()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,8 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def photos(model):
-    pre = model.image_encoder.preprocess()
+    enc = model.image_encoder
+    pre = ImageTransform(enc.image_size, enc.mean, enc.std)  # the one transform, as the processor's
     return torch.stack([pre(load_photo(name)) for name in ("chelsea", "coffee")])  # (2, 3, 224, 224)
 
 
@@ -171,7 +175,7 @@ def test_smollm2_is_a_llama_with_its_chat_template(model):
 
 
 def test_the_cache_is_reused_not_converted_again(monkeypatch):
-    import blip2lab.sources as sources
+    import blip2lab.formats.sources as sources
 
     folder = gguf_folder(package_path(mr.SMOLLM2))  # exists: the model fixture or an earlier run made it
     monkeypatch.setattr(sources, "_convert_gguf", lambda *a: pytest.fail("converted a second time"))

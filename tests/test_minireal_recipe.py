@@ -17,10 +17,12 @@ from safetensors import safe_open
 
 import blip2lab
 from blip2lab import pipeline
-from blip2lab.data.photos import load_photo
-from blip2lab.feature_cache import META_NAME, FeatureCache
-from blip2lab.recipes import minireal as R
-from blip2lab.weights import REBUILT_META, WEIGHTS_NAME, WeightsError, load_pretrained
+from blip2lab.worlds.minireal.photos import load_photo
+from blip2lab.training.feature_cache import META_NAME, FeatureCache
+from blip2lab.worlds.minireal import recipe as R
+from blip2lab.formats.native import REBUILT_META, WEIGHTS_NAME, load_pretrained
+from blip2lab.formats.keys import WeightsError
+from blip2lab.formats import build_model
 
 FROZEN = ("image_encoder.", "llm.model.", "qformer.word_embeddings.")
 
@@ -114,13 +116,13 @@ def test_shipped_file_holds_only_the_trained_parts(built, shipped):
 
 
 def test_loop_checkpoints_hold_the_trained_parts_and_load_back(built):
-    from blip2lab.blip2 import Blip2
-    from blip2lab.weights import load_weights_into
+    from blip2lab.model.blip2 import Blip2
+    from blip2lab.formats.native import load_weights_into
 
     checkpoint = built.out / "logs" / "stage1" / "checkpoint"  # what `--resume` starts from
     stored, _ = _stored(checkpoint)
     assert not any(k.startswith(FROZEN) for k in stored)
-    model = Blip2(R.config_for(built.preset, llm=False))
+    model = build_model(R.config_for(built.preset, llm=False))
     load_weights_into(model, checkpoint)
     final = load_pretrained(built.out / "stage1").state_dict()
     assert all(torch.equal(value, final[key]) for key, value in model.state_dict().items())
@@ -135,7 +137,7 @@ def test_frozen_word_embeddings_need_a_table_to_rebuild_from():
 
 
 def test_a_trainable_part_is_saved_not_left_out(built, tmp_path):
-    from blip2lab.weights import save_pretrained
+    from blip2lab.formats.native import save_pretrained
 
     model = load_pretrained(built.out / "stage1")
     model.qformer.word_embeddings.requires_grad_(True)  # as if they had trained
@@ -213,7 +215,7 @@ def test_evaluation_on_a_slice_and_its_reevaluation(built, shipped):
 
 
 def test_photo_evaluation_counts_captions_naming_the_object(shipped, monkeypatch):
-    from blip2lab.data import photos
+    from blip2lab.worlds.minireal import photos
 
     monkeypatch.setattr(photos, "PHOTOS", {"coffee": photos.PHOTOS["coffee"]})
     monkeypatch.setattr(shipped, "caption", lambda images, **kw: ["a cup of coffee"] * len(images))
@@ -255,13 +257,13 @@ def test_init_std_sets_the_fresh_weights_only():
     the weights copied from MiniLM are the same whatever it is."""
     wide = R.config_for(R.preset_with("tiny", ["init_std=0.2"]), llm=False)
     assert wide.qformer.init_std == 0.2 and R.config_for(R.PRESETS["tiny"], llm=False).qformer.init_std == 0.02
-    from blip2lab.blip2 import Blip2
+    from blip2lab.model.blip2 import Blip2
 
     torch.manual_seed(0)
-    model = Blip2(wide)
+    model = build_model(wide)
     assert 0.15 < float(model.qformer.query_tokens.detach().std()) < 0.25
     torch.manual_seed(0)
-    base = Blip2(R.config_for(R.PRESETS["tiny"], llm=False))
+    base = build_model(R.config_for(R.PRESETS["tiny"], llm=False))
     state, base_state = model.state_dict(), base.state_dict()
     assert torch.equal(state["qformer.layers.0.self_attn.qkv.weight"], base_state["qformer.layers.0.self_attn.qkv.weight"])
     assert not torch.equal(state["qformer.layers.0.cross_attn.q.weight"], base_state["qformer.layers.0.cross_attn.q.weight"])
@@ -270,11 +272,11 @@ def test_init_std_sets_the_fresh_weights_only():
 def test_query_init_reaches_the_qformer():
     """The preset's query_init=text starts the queries from MiniLM's embeddings (word +
     position), so before training they are not folded into one vector as random ones are."""
-    from blip2lab import analysis
-    from blip2lab.blip2 import Blip2
+    from blip2lab.worlds.shapes import analysis
+    from blip2lab.model.blip2 import Blip2
 
     torch.manual_seed(0)
-    models = {qi: Blip2(R.config_for(R.preset_with("tiny", [f"query_init={qi}"]), llm=False)).eval()
+    models = {qi: build_model(R.config_for(R.preset_with("tiny", [f"query_init={qi}"]), llm=False)).eval()
               for qi in ("normal", "text")}
     assert models["text"].qformer.cfg.query_init == "text"
     image = torch.randn(1, 50, models["text"].config.vision.width)  # (1, N, D_v), as ln_vision hands over

@@ -13,11 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import blip2lab
-from blip2lab import official, pipeline
-from blip2lab.official import (KNOWN_CHECKPOINTS, export_hf, export_lavis, load_lavis, load_official,
-                               load_official_tokenizers, save_lavis)
+from blip2lab.formats import hf as official
+from blip2lab import pipeline
+from blip2lab.formats.hf import KNOWN_CHECKPOINTS, export_hf, load_official, load_official_tokenizers
+from blip2lab.formats.lavis import export_lavis, load_lavis, save_lavis
 from blip2lab.pipeline import Blip2Pipeline
-from blip2lab.weights import HF_ABSENT, WeightsError, from_hf
+from blip2lab.formats.hf import HF_ABSENT, from_hf
+from blip2lab.formats.keys import WeightsError
 from conftest import CLS, DEC, PAD, SEP, random_text
 from test_hf_parity import _hf_model as hf_retrieval
 from test_stage2_parity import IMAGE_TOKEN, Q
@@ -129,7 +131,7 @@ def _rss() -> int:
 def _release_free_memory():
     import gc
 
-    from blip2lab.train import release_free_memory
+    from blip2lab.training.loop import release_free_memory
 
     gc.collect()
     release_free_memory()  # glibc keeps freed heap pages otherwise
@@ -154,13 +156,13 @@ def test_loading_is_lazy_and_holds_the_weights_once(tmp_path, monkeypatch):
     del hf
     _release_free_memory()  # so the freed HF model's pages cannot hide the loader's growth
 
-    real_fill = official._fill
+    real_fill = official.fill
 
     def fill_spy(model, *args, **kwargs):
         assert [n for n, p in model.named_parameters() if not p.is_meta] == []  # nothing materialised before
         real_fill(model, *args, **kwargs)
 
-    monkeypatch.setattr(official, "_fill", fill_spy)
+    monkeypatch.setattr(official, "fill", fill_spy)
     if not os.path.exists("/proc/self/statm"):
         load_official(tmp_path, **IDS)
         return

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import blip2lab
-from blip2lab.blip2 import Blip2
+from blip2lab.model.blip2 import Blip2
 from blip2lab.cli import main as cli
 from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2lab.pipeline import Blip2Pipeline, decoding_config
@@ -159,7 +159,7 @@ def test_half_precision_storage_and_a_linked_retrieval_model(tmp_path, image_fil
     """save(dtype=fp16) halves the weights file and loads back into fp32 with fp16-rounded
     values; a folder linking a retrieval model (pipeline.json) opens it beside itself, shares
     the frozen tower, and scores with it rather than with its own (stage-2) heads."""
-    from blip2lab.weights import WEIGHTS_NAME
+    from blip2lab.formats.native import WEIGHTS_NAME
 
     generator, scorer = _pipeline(), _pipeline()
     with torch.no_grad():  # a scorer that differs from the generator's own heads

@@ -20,7 +20,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from blip2lab.config import CLIP_MEAN, CLIP_STD, QFormerConfig
-from blip2lab.processor import Blip2Processor, clean_caption, load_image, make_qformer_tokenizer, tokenizer_from_path
+from blip2lab.processor import Blip2Processor, clean_caption, load_image, make_qformer_tokenizer
+from blip2lab.formats.sources import tokenizer_from_path
 
 WORDS = ("a an the photo of dog dogs cat man woman red blue green brown sitting standing on in bench grass "
          "what is color question answer short two street car bus tree sky white black small big with "
@@ -119,12 +120,19 @@ def rgb_of(proc, image) -> np.ndarray:
 # -- images -----------------------------------------------------------------------------------
 
 
-def test_matches_the_vision_tower_transform(proc):
-    from blip2lab.vision import ImageEncoder
+def test_matches_lavis_eval_transform(proc):
+    """LAVIS's `blip_image_eval`: torchvision Resize((S, S), bicubic) on a PIL image, ToTensor,
+    Normalize; the one ImageTransform gives the same pixels, and its identity training view too."""
+    from torchvision import transforms as T
 
-    encoder = ImageEncoder(width=8, num_tokens=5, image_size=S, mean=CLIP_MEAN, std=CLIP_STD)
+    from blip2lab.processor import CropConfig, ImageTransform
+
+    lavis = T.Compose([T.Resize((S, S), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                       T.Normalize(CLIP_MEAN, CLIP_STD)])
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
-    expected = encoder.preprocess()(img)
+    expected = lavis(img)
+    identity = ImageTransform(S, CLIP_MEAN, CLIP_STD).view(img, CropConfig(scale=(1.0, 1.0), hflip=False), 0, 0)
+    torch.testing.assert_close(identity, expected, rtol=0, atol=1e-6)
     got = proc.images([img, img])
     assert got.shape == (2, 3, S, S) and got.dtype == torch.float32
     torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-6)

@@ -37,7 +37,7 @@ def _photo(seed: int, size=(300, 200)) -> Image.Image:
 
 
 def test_every_repo_blip2lab_claims_has_a_fixture():
-    from blip2lab.official import KNOWN_CHECKPOINTS
+    from blip2lab.formats.hf import KNOWN_CHECKPOINTS
 
     assert {f"Salesforce/{r}" for r in REPOS} == set(KNOWN_CHECKPOINTS)
     assert set(PROVENANCE) == set(REPOS)  # every file's origin written down (PROVENANCE.md)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from blip2lab.cli import main as cli
-from blip2lab.recipes import shapes as recipe
+from blip2lab.worlds.shapes import recipe
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_stage_losses_fall(built):
 
 def test_trained_model_loads_as_a_pipeline_and_answers(built):
     import blip2lab
-    from blip2lab.data import shapes as world
+    from blip2lab.worlds.shapes import world
 
     pipe = blip2lab.load(built / "opt")
     scene = world.make_split("test", 1, 0)[0]
@@ -124,7 +124,7 @@ def test_question_aware_stage2_masks_captions_out_and_answers(built, tmp_path):
     import torch
 
     import blip2lab
-    from blip2lab.data import shapes as world
+    from blip2lab.worlds.shapes import world
 
     preset = recipe.preset_with("tiny", ["stage2_qformer_question=true", "stage2_steps=3"])
     config = recipe.shapes_config("opt", preset)
@@ -154,7 +154,7 @@ def test_same_seed_same_weights_whatever_the_global_rng(built, tmp_path):
     the LLM projection and the stage-1 heads drew from whatever the global RNG held)."""
     import torch
 
-    from blip2lab.weights import read_safetensors
+    from blip2lab.formats.native import read_safetensors
 
     preset = recipe.preset_with("tiny", ["stage1_steps=2", "stage2_steps=2"])
     runs = []

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip2lab.data import shapes as S
-from blip2lab.data.shapes import place_object as obj
+from blip2lab.worlds.shapes import world as S
+from blip2lab.worlds.shapes.world import place_object as obj
 
 
 def lone(shape, color="red", size="small", row="top", column="left", image_size=64, **kw):

@@ -9,7 +9,7 @@ import pytest
 
 import blip2lab
 from blip2lab.pipeline import MODELS_DIR
-from blip2lab.recipes import shapes as recipe
+from blip2lab.worlds.shapes import recipe
 
 SLICE = ["n_eval=24", "gallery=100"]  # the slice scripts/ship_shapes.sh records in eval_slice.json
 

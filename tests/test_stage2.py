@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip2lab.blip2 import Blip2
+from blip2lab.model.blip2 import Blip2
 from blip2lab.config import LLMConfig, TrainConfig
-from blip2lab.generation import DecodingConfig
-from blip2lab.llm import pick_dtype
-from blip2lab.train import train
-from blip2lab.weights import load_pretrained, save_pretrained
+from blip2lab.decoding.generation import DecodingConfig
+from blip2lab.dtypes import pick_dtype
+from blip2lab.training.loop import train
+from blip2lab.formats.native import load_pretrained, save_pretrained
 from conftest import random_text, tiny_config
 
 

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from blip2lab.blip2 import Blip2
+from blip2lab.model.blip2 import Blip2
 from blip2lab.config import TrainConfig
-from blip2lab import train as T
-from blip2lab.train import BatchStream, lr_at, train
+from blip2lab.training import loop as T
+from blip2lab.training.loop import BatchStream, lr_at, train
 from conftest import random_text, tiny_config
 
 
@@ -152,7 +152,8 @@ def test_loss_schedule_phases_losses_in(tmp_path):
 
 
 def test_bf16_on_the_cpu_follows_fp32_and_runs_the_math_attention_kernel():
-    from blip2lab.train import _accelerator, _autocast, native_bf16, resolve_precision
+    from blip2lab.training.loop import _accelerator, _autocast, resolve_precision
+    from blip2lab.dtypes import native_bf16
 
     assert resolve_precision("auto") == ("bf16" if native_bf16() else "no")
     assert resolve_precision("no") == "no" and resolve_precision("bf16") == "bf16"

@@ -12,13 +12,8 @@ from PIL import Image
 from torch import nn
 
 from blip2lab.config import ConfigError, VisionConfig
-from blip2lab.vision import (
-    HFBlip2ImageEncoder,
-    ImageEncoder,
-    OpenClipImageEncoder,
-    build_image_encoder,
-    vision_config_from_hf,
-)
+from blip2lab.model.image_encoder import (HFBlip2ImageEncoder, ImageEncoder, OpenClipImageEncoder, build_image_encoder)
+from blip2lab.formats.hf import vision_config_from_hf
 
 S, P, D, L, H = 32, 8, 32, 3, 4  # image size, patch, width, layers, heads
 N = (S // P) ** 2 + 1  # 17 tokens: 16 patches + [CLS]
@@ -212,10 +207,12 @@ def test_frozen_tower_in_lower_precision_takes_float_pixels():
 
 
 @pytest.mark.parametrize("mode,size", [("RGBA", (50, 40)), ("L", (20, 70)), ("RGB", (S, S))])
-def test_preprocess_any_pil_image(mode, size):
+def test_any_pil_image_through_the_processor(mode, size):
+    from blip2lab.processor import ImageTransform
+
     enc = build_image_encoder(tiny_cfg())
     image = Image.new(mode, size, color=128 if mode == "L" else (200, 100, 50, 255)[: len(mode)])
-    x = enc.preprocess()(image)
+    x = ImageTransform(enc.image_size, enc.mean, enc.std)(image)
     assert x.shape == (3, S, S) and x.dtype == torch.float32
     assert enc(x[None]).shape == (1, N, D)
 
@@ -223,7 +220,7 @@ def test_preprocess_any_pil_image(mode, size):
 @pytest.mark.parametrize("bad,message", [
     (torch.zeros(1, 2, 3, S, S), "4-D tensor"),
     (torch.zeros(2, 4, S, S), "expected 3 channels (RGB), got 4"),
-    (torch.zeros(2, 3, 24, S), f"expected {S}x{S} pixels, got 24x{S}; use encoder.preprocess()"),
+    (torch.zeros(2, 3, 24, S), f"expected {S}x{S} pixels, got 24x{S}; use Blip2Processor.images()"),
     (torch.zeros(0, 3, S, S), "empty batch"),
     (torch.zeros(2, 3, S, S, dtype=torch.uint8), "floating-point"),
 ])
