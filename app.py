@@ -6,7 +6,7 @@ search, a scene composer for the shapes world, and a model picker.
 
 The app holds no model logic: every number comes from the blip2lab pipeline
 (`blip2lab.pipeline`), its explanation maps (`blip2lab.explain`) and its gallery index
-(`blip2lab.gallery`). What lives here is the user interface, input checking, and the
+(`blip2lab.search.gallery`). What lives here is the user interface, input checking, and the
 rules of a server shared by strangers: one model for everyone behind one lock, a bounded
 queue, a pixel and an upload size limit, per-session uploads, and no request that can
 make the server read, list or return a file outside what the user uploaded or what ships

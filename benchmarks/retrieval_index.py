@@ -1,4 +1,4 @@
-"""Retrieval at gallery scale (issue 7, goal 3): blip2lab.index against a plain full matmul
+"""Retrieval at gallery scale (issue 7, goal 3): blip2lab.search.index against a plain full matmul
 and against FAISS (IndexFlatIP) on the same stored vectors, in the same run.
 
     python benchmarks/retrieval_index.py                          # shapes + synthetic, 2 threads
@@ -26,7 +26,7 @@ Two kinds of data, reported apart:
 The full matmul is the plain way: every stored vector in RAM in fp32 (as FAISS holds them),
 one numpy matmul with the query, the max per item, argpartition. Each search is checked
 against it: a valid top k (its scores are the full matmul's k best within 1e-6) for
-blip2lab.index and FAISS alike, and for blip2lab.index how often the indices are the same,
+blip2lab.search.index and FAISS alike, and for blip2lab.search.index how often the indices are the same,
 order included (two matmuls may round the same dot product differently by one ulp, so
 exact fp32 near-ties can trade places). Indexes are cached under runs/retrieval_index/ and
 reused; a build resumes if it was interrupted. Timings: median over the queries, warm page
@@ -317,7 +317,7 @@ class Matmul:
 
 
 def compare(label: str, queries: list[np.ndarray], index, faiss_search, k: int) -> dict:
-    """Time blip2lab.index, the full matmul and FAISS on each query (interleaved), check them.
+    """Time blip2lab.search.index, the full matmul and FAISS on each query (interleaved), check them.
     queries: (E,) texts against an ImageIndex or (Q, E) images against a TextIndex."""
     times = {"index": [], "full_matmul": [], "faiss": []}
     fractions, bytes_read, sketch_bytes, same, valid, faiss_valid = [], [], [], 0, 0, 0

@@ -1,5 +1,5 @@
 """Stage-1 training throughput: blip2lab's step against a LAVIS-style step (lavis_style.py)
-on the same model, the same data and the same training loop (blip2lab.train.train).
+on the same model, the same data and the same training loop (blip2lab.training.train).
 
     python benchmarks/stage1_step.py                      # the shapes model, CPU
     python benchmarks/stage1_step.py --size small --steps 20

@@ -4,10 +4,11 @@ One dataclass per component (vision, Q-Former, LLM), one for the whole model and
 for training. Derived values are properties, never frozen defaults; every config
 validates itself in ``__post_init__`` with errors that name the field.
 
-Overrides use one syntax for any nested field, ``--train.lr=3e-4``, parsed against the
-field's declared type; unknown keys are rejected with a message naming the key. Configs
-round-trip through JSON (``to_dict`` / ``from_dict``), which is how a checkpoint's
-``config.json`` is written and read.
+Overrides use one syntax for any field of any of these configs or of a recipe's preset,
+``a.b=value`` (``--set train.lr=3e-4`` on every command line), parsed against the field's
+declared type; unknown keys are rejected with a message naming the key (`apply_overrides`,
+`from_preset`). Configs round-trip through JSON (``to_dict`` / ``from_dict``), which is how a
+checkpoint's ``config.json`` and a run's resolved config are written and read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 __all__ = [
     "ConfigError",
@@ -27,10 +28,10 @@ __all__ = [
     "LLMConfig",
     "Blip2Config",
     "TrainConfig",
-    "RunConfig",
     "to_dict",
     "from_dict",
     "apply_overrides",
+    "from_preset",
     "save_json",
     "load_json",
 ]
@@ -64,7 +65,7 @@ class VisionConfig:
     # or the timm name of the EfficientNet (e.g. "tf_efficientnet_lite0").
     model_name: Optional[str] = None
     # Pretrained tower weights loaded when the encoder is built: a state-dict file, or
-    # `package:NAME/path` inside an installed package (blip2lab.sources). None: random
+    # `package:NAME/path` inside an installed package (blip2lab.formats.sources). None: random
     # weights, for a checkpoint to fill (the open_clip and HF backends always start so).
     weights: Optional[str] = None
     image_size: int = 224  # the paper pre-trains at 224 px
@@ -341,14 +342,6 @@ class TrainConfig:
         return tuple(name for name in self.losses if start.get(name, 0) <= step)
 
 
-@dataclass
-class RunConfig:
-    """What a training run needs: the model and how to train it (`--model.*`, `--train.*`)."""
-
-    model: Blip2Config = field(default_factory=Blip2Config)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
 # ---------------------------------------------------------------------------------------
 # dict / JSON round trip with type checking
 # ---------------------------------------------------------------------------------------
@@ -491,13 +484,15 @@ def _parse_text(text: str, tp: Any, key: str) -> Any:
         return text  # a bare string; the type check below decides
 
 
-def apply_overrides(cfg: Any, args: list[str]) -> Any:
-    """Return a new config with `--a.b=value` overrides applied, checked and validated."""
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """A new config with `a.b=value` overrides applied (a leading `--` is allowed, nanoGPT's
+    `--a.b=value`), each checked against the field's type, then validated as a whole."""
     data = to_dict(cfg)
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"override {arg!r} must look like --a.b=value")
-        key, text = arg[2:].split("=", 1)
+    for arg in overrides:
+        text_arg = arg[2:] if arg.startswith("--") else arg
+        if "=" not in text_arg or not text_arg.split("=", 1)[0]:
+            raise ConfigError(f"override {arg!r} must look like a.b=value")
+        key, text = text_arg.split("=", 1)
         tp = _field_type(type(cfg), key)
         value = _coerce(_parse_text(text, tp, key), tp, key)
         if dataclasses.is_dataclass(value):
@@ -508,3 +503,11 @@ def apply_overrides(cfg: Any, args: list[str]) -> Any:
             node = node[part]
         node[leaf] = list(value) if isinstance(value, tuple) else value
     return from_dict(type(cfg), data)
+
+
+def from_preset(presets: Mapping[str, Any], name: str, overrides: Sequence[str] = ()) -> Any:
+    """`presets[name]` (a typed config) with `overrides` applied: the one way every recipe and
+    command turns `--preset NAME --set a.b=value ...` into a config."""
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; known: {sorted(presets)}")
+    return apply_overrides(presets[name], overrides)

@@ -9,7 +9,7 @@ Sources `load` understands, in this order:
    one saved with `rebuild_frozen=True` (mini-real) holds only the trained parts, and its
    frozen encoder, LLM and word embeddings are rebuilt from the packages its config names;
 3. an official Salesforce checkpoint in Hugging Face layout: a local folder, or a hub id
-   where a hub is reachable (`blip2lab.official`).
+   where a hub is reachable (`blip2lab.formats.hf`).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ RESULTS["held_out_in_train"] = sum(combo_counts("train")[0].values())
 #
 # BLIP-2 keeps its ViT frozen and reads the second-to-last block's tokens (Sec. 3.1). Ours:
 # 5 blocks of width 128 on 8x8 patches, so 1 [CLS] + 64 patch tokens. It was pretrained by
-# supervised scene parsing (`blip2lab/backbones/vision.py`); whatever the captions talk about
+# supervised scene parsing (`blip2lab/worlds/shapes/vision_backbone.py`); whatever the captions talk about
 # must already be readable in its tokens, because BLIP-2 will never change them.
 
 # %%

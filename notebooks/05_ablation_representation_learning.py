@@ -136,7 +136,7 @@ for k, e in effects.items():
 # ## What this notebook measured
 #
 # The table above at full size is in the README with the command that regenerates it
-# (`python -m blip2lab.recipes.ablations figure5 ...`, the settings of the parameters cell).
+# (`python -m blip2lab.worlds.shapes.ablations figure5 ...`, the settings of the parameters cell).
 # Read it against the paper: the direction (stage 1 helps both families) is the claim under
 # test; the sizes are not comparable (a 1M-parameter world, minutes of training).
 

@@ -20,7 +20,7 @@
 # `Blip2` class the shapes world trains: `blip2lab.load` takes a hub id
 # (`Salesforce/blip2-opt-2.7b`, ...) or a local folder in Hugging Face layout, builds the
 # model empty and fills it tensor by tensor through explicit key tables
-# (`blip2lab/official.py`). Captioning and VQA need a generation checkpoint (OPT or
+# (`blip2lab/formats/hf.py and lavis.py`). Captioning and VQA need a generation checkpoint (OPT or
 # FlanT5); image-text matching and retrieval need the ITC/ITM heads of an `itm-vit-g`
 # checkpoint, passed as `retrieval=`.
 #
@@ -59,7 +59,7 @@ ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 #
 # A hub id needs the hub; a folder needs nothing. Without either, the notebook says so here
 # and writes two tiny **random** checkpoints in exactly the official layout
-# (`blip2lab.demo.tiny_official_checkpoints`: folders written by transformers'
+# (`blip2lab.worlds.shapes.official_demo.tiny_official_checkpoints`: folders written by transformers'
 # `Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval`, tokenizers beside them), so
 # that every cell below runs the same code it would run on the real weights. Their outputs
 # are noise; only the mechanics are on show.
@@ -148,7 +148,7 @@ for n, row in zip(names, itc):
     print(f"{n:28s} best text by ITC: {texts[int(row.argmax())]!r}")
 
 # %%
-results = {"source": "tiny random stand-in (blip2lab.demo)" if LOAD_KWARGS else str(SOURCE), "random_stand_in": bool(LOAD_KWARGS), "load_s": round(load_s, 2),
+results = {"source": "tiny random stand-in (blip2lab.worlds.shapes.official_demo)" if LOAD_KWARGS else str(SOURCE), "random_stand_in": bool(LOAD_KWARGS), "load_s": round(load_s, 2),
            "generate_s": round(generate_s, 2), "notebook_s": round(time.perf_counter() - START, 1)}
 print(json.dumps(results, indent=1))
 if not SMALL:  # the full-mode numbers, kept with the notebooks (README tables come from here)

@@ -111,7 +111,7 @@ print("question prompt, after [BOS] = <|im_start|>:", repr(pipe.processor.vqa_pr
 # ## 2 · The data: Open Clip Art
 #
 # Debian's `openclipart-png` / `openclipart-svg` (public domain): each clipart's title,
-# description and keywords, cleaned into captions (`blip2lab.data.clipart`; the data card
+# description and keywords, cleaned into captions (`blip2lab.worlds.minireal.clipart`; the data card
 # is `docs/data_card_clipart.md`). Split by the image's hash, so copies never straddle splits.
 
 # %%

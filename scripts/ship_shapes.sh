@@ -16,7 +16,7 @@ set -euo pipefail
 export OMP_NUM_THREADS=1
 BL=".venv/bin/blip2lab"
 PY=".venv/bin/python"
-# `--preset shipped` (blip2lab/recipes/shapes.py): 16 queries (with 8, captions of 3-object
+# `--preset shipped` (blip2lab/worlds/shapes/recipe.py): 16 queries (with 8, captions of 3-object
 # scenes got the third object wrong, 128 of 150, on training scenes too: underfitting), stage-1
 # siblings, 1,200 + 3,000 steps; in each LLM's stage 2 the VQA items' questions also enter the
 # Q-Former (the paper's VQA fine-tuning, Sec. 4.3) and 80% of the items are VQA ones. With half
@@ -80,7 +80,7 @@ import json, platform, sys
 from dataclasses import asdict
 from pathlib import Path
 import torch, transformers
-from blip2lab.recipes.shapes import preset_with
+from blip2lab.worlds.shapes.recipe import preset_with
 args = sys.argv[1:]
 sets = {"stage1": [], "opt": args[args.index("--opt") + 1:args.index("--t5")], "t5": args[args.index("--t5") + 1:]}
 stage1 = json.loads(Path("runs/shapes/stage1/timing.json").read_text())

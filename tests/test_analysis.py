@@ -1,6 +1,6 @@
-"""The notebooks' measurements (blip2lab.analysis), the ablation runners
-(blip2lab.recipes.ablations) on a micro preset, and the tiny official-layout checkpoints
-(blip2lab.demo)."""
+"""The notebooks' measurements (blip2lab.worlds.shapes.analysis), the ablation runners
+(blip2lab.worlds.shapes.ablations) on a micro preset, and the tiny official-layout checkpoints
+(blip2lab.worlds.shapes.official_demo)."""
 
 import csv
 import json

@@ -4,7 +4,18 @@ import json
 
 import pytest
 
-from blip2lab.config import (Blip2Config, ConfigError, QFormerConfig, RunConfig, TrainConfig, VisionConfig, apply_overrides, from_dict, load_json, save_json, to_dict)
+from dataclasses import dataclass, field
+
+from blip2lab.config import (Blip2Config, ConfigError, QFormerConfig, TrainConfig, VisionConfig, apply_overrides,
+                             from_dict, from_preset, load_json, save_json, to_dict)
+
+
+@dataclass
+class RunConfig:
+    """Any nesting of configs takes the same overrides (the recipes' presets, the train command)."""
+
+    model: Blip2Config = field(default_factory=Blip2Config)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def test_derived_values_follow_their_inputs():
@@ -47,13 +58,29 @@ def test_overrides_parse_by_declared_type():
     ("--train.betas=[0.9]", ["train.betas", "2 values"]),
     ("--model.qformer.num_heads=7", ["qformer.hidden_size", "qformer.num_heads"]),  # validation
     ("--train.losses=itc,mlm", ["train.losses", "mlm"]),
-    ("train.lr=1", ["--a.b=value"]),
+    ("train.lr", ["a.b=value"]),
+    ("--=3", ["a.b=value"]),
 ])
 def test_bad_overrides_name_the_problem(arg, words):
     with pytest.raises(ConfigError) as err:
         apply_overrides(RunConfig(), [arg])
     for w in words:
         assert w in str(err.value)
+
+
+def test_one_syntax_with_or_without_dashes_and_for_presets():
+    assert apply_overrides(TrainConfig(), ["lr=3e-4"]) == apply_overrides(TrainConfig(), ["--lr=3e-4"])
+    presets = {"small": TrainConfig(max_steps=10), "big": TrainConfig(max_steps=1000)}
+    assert from_preset(presets, "small", ["batch_size=8"]) == TrainConfig(max_steps=10, batch_size=8)
+    with pytest.raises(ConfigError, match="unknown preset 'medium'; known: \\['big', 'small'\\]"):
+        from_preset(presets, "medium")
+
+
+def test_betas_are_checked():
+    with pytest.raises(ConfigError, match="train.betas"):
+        TrainConfig(betas=(1.5, -2.0))
+    with pytest.raises(ConfigError, match="train.betas"):
+        apply_overrides(TrainConfig(), ["betas=[0.9,1.0]"])
 
 
 def test_from_dict_rejects_unknown_and_mistyped_fields():

@@ -1,5 +1,5 @@
 """blip2lab.explain (cross-attention maps, Grad-CAM on the ITM score, overlays) and
-blip2lab.gallery (ITC top k, ITM re-rank), on a tiny random shapes-like pipeline."""
+blip2lab.search.gallery (ITC top k, ITM re-rank), on a tiny random shapes-like pipeline."""
 
 import numpy as np
 import pytest

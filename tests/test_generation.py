@@ -1,4 +1,4 @@
-"""blip2lab.generation: parity with transformers' generate on a tiny random OPT, and toy cases."""
+"""blip2lab.decoding.generation: parity with transformers' generate on a tiny random OPT, and toy cases."""
 
 import pytest
 import torch

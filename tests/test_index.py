@@ -1,4 +1,4 @@
-"""blip2lab.index: exact top k against a brute-force matmul (random, structured and
+"""blip2lab.search.index: exact top k against a brute-force matmul (random, structured and
 shapes-model data), resumable builds, the on-disk layout, the ITM re-rank, bad input."""
 
 from __future__ import annotations

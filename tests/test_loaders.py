@@ -1,4 +1,4 @@
-"""blip2lab.data.loaders on tiny fixture files: COCO captions (Karpathy and LAVIS formats),
+"""blip2lab.training.datasets on tiny fixture files: COCO captions (Karpathy and LAVIS formats),
 VQAv2, WebDataset shards, and the skipping of missing and corrupt images."""
 
 from __future__ import annotations

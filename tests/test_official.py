@@ -1,4 +1,4 @@
-"""Official checkpoints in and out (blip2lab/official.py), on tiny random models:
+"""Official checkpoints in and out (blip2lab/formats/hf.py and lavis.py), on tiny random models:
 HF layout (folders written by transformers' save_pretrained) -> blip2lab with equal outputs,
 blip2lab -> HF layout opened by transformers with no missing/unexpected keys, LAVIS layout
 both ways, and the failure modes (damaged files, leftover/missing keys, pickles, offline hub)."""

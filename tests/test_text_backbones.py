@@ -1,4 +1,4 @@
-"""The frozen text backbones of the shapes world (blip2lab/backbones/text.py): tokenizers,
+"""The frozen text backbones of the shapes world (blip2lab/worlds/shapes/text_backbones.py): tokenizers,
 corpora, the shipped checkpoints in models/backbones/{opt,t5,bert}, and the pretraining code path."""
 
 import json

@@ -1,4 +1,4 @@
-"""The shapes-world image encoder (blip2lab/backbones/vision.py): its tower has the
+"""The shapes-world image encoder (blip2lab/worlds/shapes/vision_backbone.py): its tower has the
 layout a Blip2 model expects, the shipped weights load offline and pass their gate on a
 small slice, and the pretraining recipe's code path lowers the loss."""
 

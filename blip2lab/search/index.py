@@ -85,7 +85,7 @@ ROUND = 2048  # items evaluated per later round, highest bounds first
 # one sequential pass over the memmap is then cheaper than scattered reads.
 SCAN_ALL_FRACTION = 0.25
 # After this many searches in a row that made that pass, the index stops computing bounds
-# (for this data they cost ~20 ms a query at 100k images and save nothing) and goes straight
+# (for such data they cost time and save nothing) and goes straight
 # to the pass, trying the bound again every RETRY_BOUND-th search in case the queries changed.
 SKIP_BOUND_AFTER = 3
 RETRY_BOUND = 16
@@ -233,8 +233,8 @@ class ImageIndex(_Index):
 
     def _fast_scores(self, query: np.ndarray) -> tuple[np.ndarray, float]:
         """query (1, E) -> every image's score within err: the fp16 rows times the unit query in
-        fp16 (torch's kernel reads fp16 and accumulates in fp32: 45 ms for 100k x 32 x 256 on two
-        cores, against 120 ms converting to fp32 first), scaled back by ||t||. err, for fp32
+        fp16 (torch's kernel reads fp16 and accumulates in fp32: faster than converting to fp32
+        first, docs/performance.md), scaled back by ||t||. err, for fp32
         accumulation: the query's rounding to fp16 (<= 2^-11 ||z||) plus the result's (half an
         ulp of a score <= 1 + NORM_TOLERANCE: 2^-11) plus the sum's (E 2^-24), doubled.
         Where this build's kernel is not that accurate (`_fp16_matvec_error`), the fp32 scan."""
@@ -297,9 +297,8 @@ class TextIndex(_Index):
 
     def _fast_scores(self, query: np.ndarray) -> tuple[np.ndarray, float]:
         """query (Q, E) -> every caption's score, max over queries, by torch's fp32 matmul in
-        blocks converted into one reused buffer (52 ms for 500k x 256 x 32 on two cores; a fresh
-        fp32 block each time, 70-100 ms, its pages faulted in anew; numpy's matmul beside
-        torch's conversion, 220 ms). Exact but for the rounding of another summation order."""
+        blocks converted into one reused buffer (a fresh fp32 block each time has its pages
+        faulted in anew). Exact but for the rounding of another summation order."""
         q = torch.from_numpy(query).T  # (E, Q)
         out = torch.empty(len(self))
         rows, prod = torch.empty(FAST_SCAN_ROWS, self.dim), torch.empty(FAST_SCAN_ROWS, len(query))  # (b, E), (b, Q)
@@ -357,8 +356,8 @@ def _as_query(query: np.ndarray | torch.Tensor, dim: int) -> np.ndarray:
 def _one_blas_thread():
     """numpy's BLAS on one thread for a search. A scan alternates torch's fp16 -> fp32 (its
     OpenMP threads) with numpy's matmul (OpenBLAS's threads); with both pools at 2 threads on
-    2 cores each spun on the cores the other needed, and a 100k-image full scan took 12.9 s
-    instead of 0.2 s (benchmarks/README.md). Small matmuls: one thread loses little. The limit
+    2 cores each spun on the cores the other needed, and a full scan ran ~60x slower
+    (docs/performance.md). Small matmuls: one thread loses little. The limit
     is process-wide while a search runs (two overlapping searches may leave it at one)."""
     return _threadpools().limit(limits=1, user_api="blas")
 

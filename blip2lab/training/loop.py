@@ -36,10 +36,9 @@ from blip2lab.model.losses import total_loss
 from ..dtypes import native_bf16
 
 STATE_NAME = "train_state.pt"
-# glibc keeps what a step frees in its heap, and the heap fragments: a stage-1 run on the shapes
-# model grew from 1.4 GB to 3.4 GB resident over 300 steps while the live tensors stayed at 20 MB
-# (benchmarks/README.md, notes). Handing the free pages back every RELEASE_EVERY steps holds the
-# process at about one step's working set; the step after pays for faulting it back in once.
+# glibc keeps what a step frees in its heap, and the heap fragments: resident memory grows with
+# run length while the live tensors do not. Handing the free pages back every RELEASE_EVERY
+# steps holds the process at about one step's working set (docs/performance.md).
 RELEASE_EVERY = 50
 
 
@@ -90,10 +89,8 @@ def _accelerator(cfg: TrainConfig):
 
 def _autocast(accelerator) -> ExitStack:
     """accelerate's autocast for the forward pass; on the CPU in bf16 also the plain "math"
-    attention kernel. The CPU's fused (flash) kernel runs bf16 attention at a fifth of its fp32
-    speed in the backward pass (a shapes stage-2 step on OPT, one thread: fp32 162 ms, bf16
-    with the flash kernel 142 ms, bf16 with the math kernel 95 ms; in fp32 the two kernels tie).
-    The kernel chosen in the forward pass is the one its backward runs."""
+    attention kernel: the CPU's fused (flash) kernel is slow on bf16 in the backward pass
+    (docs/performance.md), and the kernel chosen in the forward pass is the one its backward runs."""
     stack = ExitStack()
     stack.enter_context(accelerator.autocast())
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":

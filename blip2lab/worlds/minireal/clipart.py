@@ -386,7 +386,7 @@ def caption_stats(items: Iterable[Clipart]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """python -m blip2lab.data.clipart [--out runs/clipart] [--images]: build the dataset,
+    """python -m blip2lab.worlds.minireal.clipart [--out runs/clipart] [--images]: build the dataset,
     write items.jsonl and stats.json (and the image cache with --images)."""
     import argparse
 

@@ -77,9 +77,10 @@ from blip2lab.training.loop import BatchStream, Timer, train
 from blip2lab.formats.native import WEIGHTS_NAME, load_weights_into, save_pretrained
 from blip2lab.formats import build_model
 from blip2lab.paths import MODELS_DIR
+from blip2lab.config import from_preset
 
 REPO = MODELS_DIR.parent
-CLIPART_CACHE = REPO / "runs" / "clipart"  # where `python -m blip2lab.data.clipart --images` caches the images
+CLIPART_CACHE = REPO / "runs" / "clipart"  # where `python -m blip2lab.worlds.minireal.clipart --images` caches the images
 SHIPPED_NAME = "mini-real"  # the folder name `blip2lab.load("mini-real")` finds under models/
 MAX_SHIPPED_BYTES = 60_000_000
 
@@ -148,23 +149,8 @@ PRESETS = {
 
 
 def preset_with(name: str, overrides: Sequence[str]) -> MiniRealPreset:
-    """A preset with `field=value` overrides (types from the dataclass)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    preset = PRESETS[name]
-    changes: dict[str, Any] = {}
-    for item in overrides:
-        key, _, text = item.partition("=")
-        if key not in MiniRealPreset.__dataclass_fields__ or key == "name":
-            raise ValueError(f"unknown preset field {key!r}; known: {sorted(MiniRealPreset.__dataclass_fields__)}")
-        current = getattr(preset, key)
-        if key in ("limit", "n_train", "n_test"):
-            changes[key] = None if text.lower() == "none" else int(text)
-        elif isinstance(current, tuple):
-            changes[key] = tuple(float(x) for x in text.split(","))
-        else:
-            changes[key] = type(current)(text)
-    return replace(preset, **changes)
+    """PRESETS[name] with `field=value` overrides: config.from_preset, the one override path."""
+    return from_preset(PRESETS, name, overrides)
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@
 Each writes `<name>.json` (the settings, timings and every row) and `<name>.csv` (the rows)
 into `out_dir` and returns the rows; the notebooks plot them and the README quotes them.
 
-    python -m blip2lab.recipes.ablations figure5 --out notebooks/results --seeds 0,1,2 \\
+    python -m blip2lab.worlds.shapes.ablations figure5 --out notebooks/results --seeds 0,1,2 \\
         --set stage1_steps=200 stage2_steps=200
 
 Everything is built from the same pieces as `recipes.shapes` (config, frozen backbones,
@@ -593,7 +593,7 @@ SWEEPS = {"figure5": figure5, "table6": table6, "queries": queries, "encoders": 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Ablation sweeps of the shapes recipe (blip2lab.recipes.ablations).")
+    p = argparse.ArgumentParser(description="Ablation sweeps of the shapes recipe (blip2lab.worlds.shapes.ablations).")
     p.add_argument("sweep", choices=sorted(SWEEPS))
     p.add_argument("--out", required=True, help="folder for <sweep>.json and <sweep>.csv")
     p.add_argument("--preset", default="default", choices=sorted(R.PRESETS))

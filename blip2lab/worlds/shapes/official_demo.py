@@ -4,7 +4,7 @@ official-checkpoint code path where no hub is reachable (notebook 09, offline de
 The folders are written by transformers itself (`Blip2ForConditionalGeneration` and
 `Blip2ForImageTextRetrieval`, `save_pretrained`), exactly as a hub snapshot is laid out, with
 the shapes world's tokenizers beside the weights (the LLM's in the folder, the Q-Former's in
-`qformer_tokenizer/`), so `blip2lab.load(folder)` goes through `blip2lab.official` as it
+`qformer_tokenizer/`), so `blip2lab.load(folder)` goes through `blip2lab.formats.hf` as it
 would for `Salesforce/blip2-opt-2.7b`. The weights are random: outputs are noise.
 """
 

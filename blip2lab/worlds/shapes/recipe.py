@@ -6,7 +6,7 @@ stage 1 (ITC + ITM + ITG) then stage 2 on each LLM family, and the evaluation.
     blip2lab shapes eval vqa --model runs/shapes/opt
 
 The frozen backbones (ViT, OPT, T5, the small BERT) are pretrained once by
-`blip2lab.backbones` and shipped under `models/backbones/`; what runs here is what people
+`blip2lab.worlds.shapes` (text_backbones, vision_backbone) and shipped under `models/backbones/`; what runs here is what people
 repeat. Frozen image features are computed once per split and cached (the paper's
 recipe recomputes them every step; with a frozen tower and no augmentation they are
 identical), so stage 1 never runs the ViT again.
@@ -33,7 +33,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -47,6 +47,7 @@ from blip2lab.formats.sources import tokenizer_from_path
 from blip2lab.training.loop import BatchStream, Timer, resolve_precision, train
 from blip2lab.formats import build_model as build_blip2
 from blip2lab.paths import MODELS_DIR
+from blip2lab.config import from_preset, to_dict
 
 BACKBONES = MODELS_DIR / "backbones"
 LLMKind = Literal["opt", "t5"]
@@ -342,6 +343,8 @@ def _run_stage(out: Path, model: Blip2, processor: Blip2Processor, stage: int, p
         train(model, data, cfg, out_dir=out / "train", progress=progress)
     pipe = Blip2Pipeline(model.eval(), processor, name=out.name)
     pipe.save(out)
+    resolved = {"preset": asdict(preset), "seed": seed, "stage": stage, "train": to_dict(cfg)}
+    (out / "recipe.json").write_text(json.dumps(resolved, indent=2) + "\n")  # what trained this folder, resolved
     timing = {"cache_features_s": t_cache.seconds, f"stage{stage}_train_s": t_train.seconds, "steps": cfg.max_steps,
               "precision": cfg.mixed_precision, "threads": torch.get_num_threads()}
     (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
@@ -468,19 +471,6 @@ def _stage2_and_eval(run: tuple) -> dict:
     return result
 
 
-def preset_with(name: str, overrides: list[str]) -> ShapesPreset:
-    """A preset with `field=value` overrides (types from the dataclass)."""
-    preset = PRESETS[name]
-    changes = {}
-    for item in overrides:
-        key, _, text = item.partition("=")
-        if key not in ShapesPreset.__dataclass_fields__:
-            raise ValueError(f"unknown preset field {key!r}; known: {sorted(ShapesPreset.__dataclass_fields__)}")
-        current = getattr(preset, key)
-        if isinstance(current, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"preset field {key} is true or false, got {text!r}")
-            changes[key] = text.lower() in ("true", "1")
-        else:
-            changes[key] = tuple(text.split(",")) if isinstance(current, tuple) else type(current)(text)
-    return replace(preset, **changes)
+def preset_with(name: str, overrides: Sequence[str]) -> ShapesPreset:
+    """PRESETS[name] with `field=value` overrides: config.from_preset, the one override path."""
+    return from_preset(PRESETS, name, overrides)

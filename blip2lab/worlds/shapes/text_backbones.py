@@ -875,7 +875,7 @@ def _recipe(function: str, call: dict, seconds: float, n_params: int, metrics: d
             curve: list[dict]) -> dict:
     import transformers
 
-    return {"function": f"blip2lab.backbones.text.{function}", "call": call,
+    return {"function": f"blip2lab.worlds.shapes.text_backbones.{function}", "call": call,
             "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("text.py") else None,
             "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "params": n_params,
             "torch": torch.__version__, "transformers": transformers.__version__,
@@ -1070,7 +1070,7 @@ def load_text_backbone(path: str | Path):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """python -m blip2lab.backbones.text {opt,t5,bert} --out DIR [--steps N] [--key=value ...]:
+    """python -m blip2lab.worlds.shapes.text_backbones {opt,t5,bert} --out DIR [--steps N] [--key=value ...]:
     any keyword of the pretrain_* function, values parsed as JSON where they parse."""
     import argparse
 

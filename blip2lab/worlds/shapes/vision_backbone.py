@@ -516,7 +516,7 @@ def linear_probe(encoder: OpenClipImageEncoder, n_train: int = 4000, n_test: int
 
 
 # ---------------------------------------------------------------------------------------
-# Command line: python -m blip2lab.backbones.vision --out models/backbones/vit --steps 600
+# Command line: python -m blip2lab.worlds.shapes.vision_backbone --out models/backbones/vit --steps 600
 # ---------------------------------------------------------------------------------------
 
 
@@ -541,7 +541,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="the default: no per-cell attention bias, the tokens must carry position")
     args = p.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
-    command = "python -m blip2lab.backbones.vision " + " ".join(map(shlex.quote, given))
+    command = "python -m blip2lab.worlds.shapes.vision_backbone " + " ".join(map(shlex.quote, given))
     recipe = pretrain_vision(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                              min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                              label_smoothing=args.label_smoothing,
