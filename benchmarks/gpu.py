@@ -43,8 +43,8 @@ import contextlib
 import datetime
 import gc
 import json
-import platform
 import os
+import platform
 import signal
 import subprocess
 import sys

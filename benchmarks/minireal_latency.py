@@ -47,8 +47,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import blip2lab
-    from blip2lab.worlds.minireal.photos import load_photos
     from blip2lab.decoding.generation import DecodingConfig
+    from blip2lab.worlds.minireal.photos import load_photos
 
     start = time.perf_counter()
     pipe = blip2lab.load(args.model, llm_dtype=args.llm_dtype)

@@ -35,12 +35,11 @@ def build(folder: Path, seed: int = 0) -> None:
     the published architecture, random normal(0, 0.02) weights, unit norms, zero biases, bf16."""
     import shutil
 
+    import published
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import Blip2Config, Blip2ForConditionalGeneration
-
-    import published
 
     config = Blip2Config.from_dict(published.published(REPO))
     with init_empty_weights():
@@ -90,7 +89,6 @@ def _images():
 def measure(who: str, folder: Path, max_new_tokens: int, threads: int) -> dict:
     """One contender in this process: load, then caption both images greedily."""
     import torch
-
     from common import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     torch.set_num_threads(threads)

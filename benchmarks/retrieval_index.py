@@ -173,8 +173,8 @@ def build_synthetic(name: str, n_images: int, n_texts: int,
 def build_shapes(pipe, n_images: int, batch_size: int = 256) -> tuple[ImageIndex, TextIndex, list, dict]:
     """Real shapes-stage1 embeddings (cached): n_images test scenes (seed 0) and their
     canonical captions (distinct strings encoded once)."""
-    from blip2lab.worlds.shapes import world as shapes
     from blip2lab.search.index import build_image_index
+    from blip2lab.worlds.shapes import world as shapes
 
     folder = CACHE / f"shapes-stage1-{n_images}"
     times = _load_times(folder)
@@ -204,8 +204,8 @@ def build_minireal(pipe, batch_size: int = 64) -> tuple[ImageIndex, TextIndex, l
     """Real embeddings from real backbones (cached): the shipped mini-real model (EfficientNet-
     Lite0 + MiniLM + a Q-Former trained here) over every clipart of Debian's Open Clip Art, and
     their titles (`name`). 5,094 images: a check of the embeddings' structure, not of scale."""
-    from blip2lab.worlds.minireal import clipart
     from blip2lab.search.index import build_image_index, build_text_index
+    from blip2lab.worlds.minireal import clipart
 
     folder = CACHE / "minireal"
     times = _load_times(folder)

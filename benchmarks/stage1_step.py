@@ -66,10 +66,16 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # lavis_style beside it; blip2lab 
 from common import median_seconds, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 from lavis_style import LavisStyleStage1  # noqa: E402
 
-from blip2lab.model.blip2 import Blip2  # noqa: E402
 from blip2lab.config import Blip2Config, QFormerConfig, TrainConfig, VisionConfig  # noqa: E402
-from blip2lab.training.feature_cache import (CachedFeatureDataset, CropConfig, FeatureCache, build_feature_cache, view_pixels)
 from blip2lab.formats.native import fingerprint as encoder_fingerprint
+from blip2lab.model.blip2 import Blip2  # noqa: E402
+from blip2lab.training.feature_cache import (
+    CachedFeatureDataset,
+    CropConfig,
+    FeatureCache,
+    build_feature_cache,
+    view_pixels,
+)
 from blip2lab.training.loop import BatchStream, _accelerator, _autocast, train  # noqa: E402
 
 ROOT = HERE.parent
@@ -128,7 +134,8 @@ def _random_config(size: str, dropout: Optional[float]) -> Blip2Config:
 def build_model(spec: Spec, checkpointing: bool = False) -> Blip2:
     torch.manual_seed(spec.seed)
     if spec.size == "shapes":
-        from blip2lab.worlds.shapes.recipe import PRESETS, build_model as shapes_model, shapes_config
+        from blip2lab.worlds.shapes.recipe import PRESETS, shapes_config
+        from blip2lab.worlds.shapes.recipe import build_model as shapes_model
 
         config = shapes_config(None, PRESETS["default"])
         if spec.dropout is not None:

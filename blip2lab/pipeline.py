@@ -22,15 +22,15 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from blip2lab.model.blip2 import Blip2
+from blip2lab.decoding.generation import DecodingConfig
 from blip2lab.dtypes import as_dtype
 from blip2lab.explain import CrossAttentionMaps, GradCam, cross_attention_maps, itm_gradcam
-from blip2lab.decoding.generation import DecodingConfig
-from blip2lab.processor import Blip2Processor
-from blip2lab.formats.sources import tokenizer_from_path
 from blip2lab.formats.native import CONFIG_NAME, load_pretrained, save_pretrained
-
+from blip2lab.formats.sources import tokenizer_from_path
+from blip2lab.model.blip2 import Blip2
 from blip2lab.paths import MODELS_DIR  # noqa: E402 (the shipped models)
+from blip2lab.processor import Blip2Processor
+
 QFORMER_TOKENIZER_DIR, LLM_TOKENIZER_DIR = "qformer_tokenizer", "llm_tokenizer"
 # A pipeline folder may name its retrieval model: {"retrieval": "<folder, relative to this one>"}.
 PIPELINE_NAME = "pipeline.json"

@@ -38,8 +38,8 @@ def _tokenizers():
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from blip2lab.worlds.shapes import world
     from blip2lab.processor import make_qformer_tokenizer
+    from blip2lab.worlds.shapes import world
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(world.VOCABULARY) + list(world.PUNCTUATION)
     ids = {w: i for i, w in enumerate(dict.fromkeys(vocab))}
@@ -68,8 +68,8 @@ def build_tiny_shapes_pipeline(path: str | Path, seed: int = 0) -> Path:
     """Save a random shapes-like pipeline folder at `path` (`blip2lab.load` opens it)."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from blip2lab.model.blip2 import Blip2
     from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+    from blip2lab.model.blip2 import Blip2
     from blip2lab.pipeline import Blip2Pipeline
     from blip2lab.processor import Blip2Processor
 

@@ -9,15 +9,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 import blip2lab
-from blip2lab.worlds.shapes import analysis
-from blip2lab.model.blip2 import Blip2
-from blip2lab.worlds.shapes import world
-from blip2lab.worlds.shapes import ablations as A
-from blip2lab.worlds.shapes import recipe as R
 from blip2lab.model import summary
-from conftest import tiny_config
+from blip2lab.model.blip2 import Blip2
+from blip2lab.worlds.shapes import ablations as A
+from blip2lab.worlds.shapes import analysis, world
+from blip2lab.worlds.shapes import recipe as R
 
 MICRO = R.preset_with("tiny", ["n_train=32", "stage1_steps=2", "stage2_steps=2", "stage1_batch=8",
                                "stage2_batch=8", "n_eval=2", "gallery=8", "k_test=2", "warmup=1"])

@@ -12,15 +12,14 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from app_fixture import ROOT, model_for_tests
+from PIL import Image
 
 sys.path.insert(0, str(ROOT))  # app.py lives at the repository root
 import app  # noqa: E402
-from blip2lab.worlds.shapes import world  # noqa: E402
-from blip2lab.search.gallery import Gallery  # noqa: E402
 from blip2lab.pipeline import VQA_DECODING, decoding_config  # noqa: E402
+from blip2lab.search.gallery import Gallery  # noqa: E402
+from blip2lab.worlds.shapes import world  # noqa: E402
 
 torch.set_num_threads(1)
 ASSETS = ROOT / "assets" / "examples"

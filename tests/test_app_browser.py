@@ -5,9 +5,8 @@ in the test's output folder. The browser is never downloaded (no `playwright ins
 `make test` installs Debian's chromium when it is missing."""
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
-
 from app_fixture import ROOT, running_app
+from playwright.sync_api import expect, sync_playwright
 
 ASSETS = ROOT / "assets" / "examples"
 CHROMIUM = "/usr/bin/chromium"

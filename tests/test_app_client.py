@@ -12,11 +12,11 @@ the shipped model and fails without it.
 import httpx
 import numpy as np
 import pytest
+from app_fixture import ROOT, running_app, shipped_model_available
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from app_fixture import ROOT, running_app, shipped_model_available
 from blip2lab.worlds.shapes import world
 
 ASSETS = ROOT / "assets" / "examples"

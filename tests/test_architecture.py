@@ -13,7 +13,7 @@ LAYERS = [
     {"blip2lab.config", "blip2lab.dtypes", "blip2lab.dist", "blip2lab.paths"},
     {"blip2lab.decoding"},
     {"blip2lab.model"},
-    {"blip2lab.processor"},
+    {"blip2lab.images", "blip2lab.processor"},
     {"blip2lab.formats"},
     {"blip2lab.explain"},
     {"blip2lab.pipeline", "blip2lab.training", "blip2lab.evaluate"},

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-
-from blip2lab.model.blip2 import Blip2
-from blip2lab.config import QFormerConfig
-from blip2lab.model.qformer import QFormer
-from blip2lab.formats.keys import WeightsError
-from blip2lab.formats.bert import init_qformer_from_bert
-from blip2lab.formats import build_model
 from conftest import random_text, tiny_config
+
+from blip2lab.config import QFormerConfig
+from blip2lab.formats import build_model
+from blip2lab.formats.bert import init_qformer_from_bert
+from blip2lab.formats.keys import WeightsError
+from blip2lab.model.qformer import QFormer
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
+from conftest import DEC, SEP, random_text, tiny_config
 
-from blip2lab.model import losses as L
-from blip2lab.model.blip2 import Blip2
 from blip2lab.config import TrainConfig
 from blip2lab.decoding.generation import DecodingConfig
-from blip2lab.training.loop import param_groups, train
 from blip2lab.formats.keys import WeightsError
 from blip2lab.formats.native import load_pretrained, save_pretrained
-from conftest import DEC, SEP, random_text, tiny_config
+from blip2lab.model import losses as L
+from blip2lab.model.blip2 import Blip2
+from blip2lab.training.loop import param_groups, train
 
 
 def _model(seed=0, **kw):

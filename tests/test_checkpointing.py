@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import random_text, tiny_config
 
 from blip2lab.model import losses as L
 from blip2lab.model.blip2 import Blip2
-from conftest import random_text, tiny_config
 
 
 def _batch(gen):

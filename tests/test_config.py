@@ -1,13 +1,23 @@
 """Typed configuration: derived values, JSON round trip, --a.b=value overrides, errors."""
 
 import json
+from dataclasses import dataclass, field
 
 import pytest
 
-from dataclasses import dataclass, field
-
-from blip2lab.config import (Blip2Config, ConfigError, QFormerConfig, TrainConfig, VisionConfig, apply_overrides,
-                             from_dict, from_preset, load_json, save_json, to_dict)
+from blip2lab.config import (
+    Blip2Config,
+    ConfigError,
+    QFormerConfig,
+    TrainConfig,
+    VisionConfig,
+    apply_overrides,
+    from_dict,
+    from_preset,
+    load_json,
+    save_json,
+    to_dict,
+)
 
 
 @dataclass

@@ -4,10 +4,10 @@ batch; on one process every collective is the identity."""
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import random_text, tiny_config
 
 from blip2lab import dist as bdist
 from blip2lab.model.blip2 import Blip2
-from conftest import random_text, tiny_config
 
 B = 8
 

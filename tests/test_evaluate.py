@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import random_text, tiny_config
 
 from blip2lab import evaluate as E
 from blip2lab.model.blip2 import Blip2
-from conftest import random_text, tiny_config
 
 # -- captions ----------------------------------------------------------------------------
 

@@ -4,13 +4,13 @@ blip2lab.search.gallery (ITC top k, ITM re-rank), on a tiny random shapes-like p
 import numpy as np
 import pytest
 import torch
+from app_fixture import build_tiny_shapes_pipeline
 from PIL import Image
 
 import blip2lab
-from app_fixture import build_tiny_shapes_pipeline
 from blip2lab import explain
-from blip2lab.worlds.shapes import world
 from blip2lab.search.gallery import Gallery
+from blip2lab.worlds.shapes import world
 
 torch.set_num_threads(1)
 

@@ -6,18 +6,25 @@ import contextlib
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from blip2lab.model.blip2 import Blip2
 from blip2lab.config import LLMConfig
 from blip2lab.decoding.fast_lm import FastDecoder, FastOPT, FastT5, StaticSteps
 from blip2lab.decoding.generation import DecodingConfig
-from conftest import tiny_config
+from blip2lab.model.blip2 import Blip2
 
 EOS, PAD = 5, 0
 
 
 def _lm(family: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     if family == "opt":

@@ -8,9 +8,16 @@ import pytest
 import torch
 
 from blip2lab.config import VisionConfig
-from blip2lab.training.feature_cache import (CachedFeatureDataset, CropConfig, FeatureCache, build_feature_cache, crop_params, view_pixels)
-from blip2lab.training.loop import BatchStream
 from blip2lab.model.image_encoder import build_image_encoder
+from blip2lab.training.feature_cache import (
+    CachedFeatureDataset,
+    CropConfig,
+    FeatureCache,
+    build_feature_cache,
+    crop_params,
+    view_pixels,
+)
+from blip2lab.training.loop import BatchStream
 
 
 def _encoder(seed=0):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from blip2lab.formats.keys import WeightsError
-from blip2lab.formats.hf import from_hf_retrieval
 from conftest import CLS, DEC, PAD, SEP, VOCAB, random_text
+
+from blip2lab.formats.hf import from_hf_retrieval
+from blip2lab.formats.keys import WeightsError
 
 
 def _hf_model(seed=0, text_input=True):

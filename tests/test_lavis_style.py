@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_text, tiny_config
 
 from blip2lab.model import losses as L
 from blip2lab.model.blip2 import Blip2
-from conftest import random_text, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from lavis_style import LavisStyleStage1  # noqa: E402

@@ -4,11 +4,11 @@ the same, "auto" follows the hardware, and what must be refused is."""
 
 import pytest
 import torch
+from app_fixture import build_tiny_shapes_pipeline
 
 import blip2lab
-from blip2lab.worlds.shapes import world
 from blip2lab.dtypes import native_bf16
-from app_fixture import build_tiny_shapes_pipeline
+from blip2lab.worlds.shapes import world
 
 
 def test_bf16_llm_captions_as_fp32_and_only_the_llm_changes_dtype():

@@ -9,11 +9,11 @@ import sys
 import textwrap
 
 import torch
+from conftest import tiny_config
 
-from blip2lab.model.blip2 import Blip2
 from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2lab.formats.native import load_pretrained, save_pretrained
-from conftest import tiny_config
+from blip2lab.model.blip2 import Blip2
 
 
 def _big_config() -> Blip2Config:

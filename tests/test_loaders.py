@@ -9,7 +9,7 @@ import json
 import pytest
 from PIL import Image
 
-from blip2lab.training.datasets import (CocoCaptions, VQAv2, WebDatasetCaptions, most_common_answer, webdataset_captions)
+from blip2lab.training.datasets import CocoCaptions, VQAv2, WebDatasetCaptions, most_common_answer, webdataset_captions
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
 

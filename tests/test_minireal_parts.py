@@ -12,21 +12,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from blip2lab.worlds.minireal import backbones as mr
-from blip2lab.model.blip2 import Blip2
 from blip2lab.config import Blip2Config, from_dict, to_dict
-from blip2lab.worlds.minireal.photos import load_photo
-from blip2lab.model.image_encoder.efficientnet import EfficientNetImageEncoder, efficientnet_taps
-from blip2lab.formats.towers import load_efficientnet_weights, lukemelas_table
 from blip2lab.decoding.fast_lm import FastLlama, fast_decoder
 from blip2lab.decoding.generation import DecodingConfig
+from blip2lab.formats import build_model
+from blip2lab.formats.keys import WeightsError
+from blip2lab.formats.sources import gguf_folder, local_model, package_path
+from blip2lab.formats.towers import load_efficientnet_weights, lukemelas_table
+from blip2lab.images import ImageTransform
+from blip2lab.model.image_encoder import build_image_encoder
+from blip2lab.model.image_encoder.efficientnet import EfficientNetImageEncoder, efficientnet_taps
 from blip2lab.model.llm_bridge import LanguageModel
 from blip2lab.processor import Blip2Processor
-from blip2lab.formats.sources import gguf_folder, local_model, package_path
-from blip2lab.model.image_encoder import build_image_encoder
-from blip2lab.formats.keys import WeightsError
-from blip2lab.formats import build_model
-from blip2lab.processor import ImageTransform
+from blip2lab.worlds.minireal import backbones as mr
+from blip2lab.worlds.minireal.photos import load_photo
 
 CAT_CLASSES = {"tabby, tabby cat", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat, Siamese"}
 COFFEE_CLASSES = {"espresso", "cup", "coffee mug"}

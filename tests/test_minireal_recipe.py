@@ -17,12 +17,12 @@ from safetensors import safe_open
 
 import blip2lab
 from blip2lab import pipeline
-from blip2lab.worlds.minireal.photos import load_photo
+from blip2lab.formats import build_model
+from blip2lab.formats.keys import WeightsError
+from blip2lab.formats.native import REBUILT_META, WEIGHTS_NAME, load_pretrained
 from blip2lab.training.feature_cache import META_NAME, FeatureCache
 from blip2lab.worlds.minireal import recipe as R
-from blip2lab.formats.native import REBUILT_META, WEIGHTS_NAME, load_pretrained
-from blip2lab.formats.keys import WeightsError
-from blip2lab.formats import build_model
+from blip2lab.worlds.minireal.photos import load_photo
 
 FROZEN = ("image_encoder.", "llm.model.", "qformer.word_embeddings.")
 
@@ -116,7 +116,6 @@ def test_shipped_file_holds_only_the_trained_parts(built, shipped):
 
 
 def test_loop_checkpoints_hold_the_trained_parts_and_load_back(built):
-    from blip2lab.model.blip2 import Blip2
     from blip2lab.formats.native import load_weights_into
 
     checkpoint = built.out / "logs" / "stage1" / "checkpoint"  # what `--resume` starts from
@@ -257,7 +256,6 @@ def test_init_std_sets_the_fresh_weights_only():
     the weights copied from MiniLM are the same whatever it is."""
     wide = R.config_for(R.preset_with("tiny", ["init_std=0.2"]), llm=False)
     assert wide.qformer.init_std == 0.2 and R.config_for(R.PRESETS["tiny"], llm=False).qformer.init_std == 0.02
-    from blip2lab.model.blip2 import Blip2
 
     torch.manual_seed(0)
     model = build_model(wide)
@@ -273,7 +271,6 @@ def test_query_init_reaches_the_qformer():
     """The preset's query_init=text starts the queries from MiniLM's embeddings (word +
     position), so before training they are not folded into one vector as random ones are."""
     from blip2lab.worlds.shapes import analysis
-    from blip2lab.model.blip2 import Blip2
 
     torch.manual_seed(0)
     models = {qi: build_model(R.config_for(R.preset_with("tiny", [f"query_init={qi}"]), llm=False)).eval()

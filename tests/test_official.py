@@ -10,20 +10,26 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import blip2lab
-from blip2lab.formats import hf as official
-from blip2lab import pipeline
-from blip2lab.formats.hf import KNOWN_CHECKPOINTS, export_hf, load_official, load_official_tokenizers
-from blip2lab.formats.lavis import export_lavis, load_lavis, save_lavis
-from blip2lab.pipeline import Blip2Pipeline
-from blip2lab.formats.hf import HF_ABSENT, from_hf
-from blip2lab.formats.keys import WeightsError
 from conftest import CLS, DEC, PAD, SEP, random_text
+from safetensors.torch import load_file, save_file
 from test_hf_parity import _hf_model as hf_retrieval
 from test_stage2_parity import IMAGE_TOKEN, Q
 from test_stage2_parity import _hf as hf_generation
+
+import blip2lab
+from blip2lab import pipeline
+from blip2lab.formats import hf as official
+from blip2lab.formats.hf import (
+    HF_ABSENT,
+    KNOWN_CHECKPOINTS,
+    export_hf,
+    from_hf,
+    load_official,
+    load_official_tokenizers,
+)
+from blip2lab.formats.keys import WeightsError
+from blip2lab.formats.lavis import export_lavis, load_lavis, save_lavis
+from blip2lab.pipeline import Blip2Pipeline
 
 IDS = dict(cls_token_id=CLS, sep_token_id=SEP, dec_token_id=DEC, pad_token_id=PAD)
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_processor import bert_tokenizer, opt_tokenizer, t5_tokenizer
 
 import blip2lab
-from blip2lab.model.blip2 import Blip2
 from blip2lab.cli import main as cli
 from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from blip2lab.model.blip2 import Blip2
 from blip2lab.pipeline import Blip2Pipeline, decoding_config
 from blip2lab.processor import Blip2Processor, make_qformer_tokenizer
-from test_processor import bert_tokenizer, opt_tokenizer, t5_tokenizer
 
 
 def _pipeline(kind="decoder", qformer_question=False):

@@ -20,8 +20,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from blip2lab.config import CLIP_MEAN, CLIP_STD, QFormerConfig
-from blip2lab.processor import Blip2Processor, clean_caption, load_image, make_qformer_tokenizer
 from blip2lab.formats.sources import tokenizer_from_path
+from blip2lab.processor import Blip2Processor, clean_caption, load_image, make_qformer_tokenizer
 
 WORDS = ("a an the photo of dog dogs cat man woman red blue green brown sitting standing on in bench grass "
          "what is color question answer short two street car bus tree sky white black small big with "

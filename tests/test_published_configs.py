@@ -7,9 +7,9 @@ blip2lab's own tiny builders never did."""
 import pytest
 import torch
 from PIL import Image
+from published import PROVENANCE, REPOS, is_retrieval, published, tiny_checkpoint
 
 import blip2lab
-from published import PROVENANCE, REPOS, is_retrieval, published, tiny_checkpoint
 
 MAX_NEW = 6
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import random_text, tiny_config
 
 from blip2lab.model.qformer import QFormer, attention_mask
-from conftest import tiny_config, random_text, DEC
 
 # Two queries, three text tokens of which the last is padding: [q0 q1 | t0 t1 t2=pad].
 TEXT_MASK = torch.tensor([[1, 1, 0]])

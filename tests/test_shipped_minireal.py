@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import blip2lab
-from blip2lab.worlds.minireal.photos import load_photo
+from blip2lab.formats.native import WEIGHTS_NAME
 from blip2lab.pipeline import PRESETS
 from blip2lab.worlds.minireal import recipe as R
-from blip2lab.formats.native import WEIGHTS_NAME
+from blip2lab.worlds.minireal.photos import load_photo
 
 FOLDER = PRESETS["mini-real"]
 

@@ -6,10 +6,10 @@ from dataclasses import fields, replace
 
 import pytest
 import torch
+from conftest import DEC, random_text, tiny_config
 
 from blip2lab.model import Blip2, QFormer, RowPlan, Speedups
 from blip2lab.model import speedups as S
-from conftest import DEC, random_text, tiny_config
 
 
 def _no_dropout(module):

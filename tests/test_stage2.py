@@ -4,14 +4,14 @@ end, checkpoints with an LLM inside, the question-aware queries switch."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_text, tiny_config
 
-from blip2lab.model.blip2 import Blip2
 from blip2lab.config import LLMConfig, TrainConfig
 from blip2lab.decoding.generation import DecodingConfig
 from blip2lab.dtypes import pick_dtype
-from blip2lab.training.loop import train
 from blip2lab.formats.native import load_pretrained, save_pretrained
-from conftest import random_text, tiny_config
+from blip2lab.model.blip2 import Blip2
+from blip2lab.training.loop import train
 
 
 def _llama():

@@ -3,10 +3,10 @@ logits within 1e-4 (fp32) and greedy generation token-identical, for OPT and for
 
 import pytest
 import torch
+from conftest import CLS, DEC, PAD, SEP
 
 from blip2lab.decoding.generation import DecodingConfig
 from blip2lab.formats.hf import from_hf
-from conftest import CLS, DEC, PAD, SEP
 
 Q, IMAGE_TOKEN, BOS, EOS_OPT = 4, 59, 2, 2
 

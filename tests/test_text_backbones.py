@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from blip2lab.processor import Blip2Processor, make_qformer_tokenizer
 from blip2lab.worlds.shapes import text_backbones as T
 from blip2lab.worlds.shapes.world import HELD_OUT, NUMBER_WORDS, VOCABULARY, caption, make_split
-from blip2lab.processor import Blip2Processor, make_qformer_tokenizer
 
 MODELS = Path(__file__).resolve().parents[1] / "models" / "backbones"
 WORDS = list(VOCABULARY) + list(NUMBER_WORDS) + list(T.EXTRA_WORDS)
@@ -72,8 +72,8 @@ def test_bert_tokenizer_and_its_qformer_tokenizer(shipped):
 
 def test_bert_initialises_the_shapes_world_qformer(shipped):
     from blip2lab.config import QFormerConfig
-    from blip2lab.model.qformer import QFormer
     from blip2lab.formats.bert import init_qformer_from_bert
+    from blip2lab.model.qformer import QFormer
 
     bert, tok, _ = shipped["bert"]
     cfg = QFormerConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, num_queries=8,

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import random_text, tiny_config
 
-from blip2lab.model.blip2 import Blip2
 from blip2lab.config import TrainConfig
+from blip2lab.model.blip2 import Blip2
 from blip2lab.training import loop as T
 from blip2lab.training.loop import BatchStream, lr_at, train
-from conftest import random_text, tiny_config
 
 
 class Toy(torch.utils.data.Dataset):
@@ -152,8 +152,8 @@ def test_loss_schedule_phases_losses_in(tmp_path):
 
 
 def test_bf16_on_the_cpu_follows_fp32_and_runs_the_math_attention_kernel():
-    from blip2lab.training.loop import _accelerator, _autocast, resolve_precision
     from blip2lab.dtypes import native_bf16
+    from blip2lab.training.loop import _accelerator, _autocast, resolve_precision
 
     assert resolve_precision("auto") == ("bf16" if native_bf16() else "no")
     assert resolve_precision("no") == "no" and resolve_precision("bf16") == "bf16"

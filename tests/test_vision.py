@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from blip2lab.config import ConfigError, VisionConfig
-from blip2lab.model.image_encoder import (HFBlip2ImageEncoder, ImageEncoder, OpenClipImageEncoder, build_image_encoder)
 from blip2lab.formats.hf import vision_config_from_hf
+from blip2lab.model.image_encoder import HFBlip2ImageEncoder, ImageEncoder, OpenClipImageEncoder, build_image_encoder
 
 S, P, D, L, H = 32, 8, 32, 3, 4  # image size, patch, width, layers, heads
 N = (S // P) ** 2 + 1  # 17 tokens: 16 patches + [CLS]

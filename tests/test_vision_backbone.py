@@ -7,14 +7,26 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from blip2lab.worlds.shapes.vision_backbone import (CELLS, DEFAULT_DIR, SHAPES_VISION_CONFIG, ParseBatches, build_tower, cell_pooling, linear_probe, load_shapes_vision, pretrain_vision, scene_labels, vision_state_for_blip2)
-from blip2lab.model.blip2 import Blip2
-from blip2lab.config import Blip2Config
-from blip2lab.worlds.shapes.world import Scene, make_split, place_object
-from blip2lab.model.image_encoder import OpenClipImageEncoder
-from blip2lab.formats.keys import load_strict
 from conftest import tiny_config
+
+from blip2lab.config import Blip2Config
+from blip2lab.formats.keys import load_strict
+from blip2lab.model.blip2 import Blip2
+from blip2lab.model.image_encoder import OpenClipImageEncoder
+from blip2lab.worlds.shapes.vision_backbone import (
+    CELLS,
+    DEFAULT_DIR,
+    SHAPES_VISION_CONFIG,
+    ParseBatches,
+    build_tower,
+    cell_pooling,
+    linear_probe,
+    load_shapes_vision,
+    pretrain_vision,
+    scene_labels,
+    vision_state_for_blip2,
+)
+from blip2lab.worlds.shapes.world import Scene, make_split, place_object
 
 SHIPPED = DEFAULT_DIR
 
@@ -125,8 +137,9 @@ def test_shipped_tokens_tell_learned_queries_where_things_are():
     cross-attention layer (no position of their own) must read which shape sits in each cell.
     The tower pretrained with a per-cell attention bias in its heads stayed at the "none"
     prior (0.67); the shipped one (no bias) reaches 0.99 in 300 steps."""
-    from blip2lab.worlds.shapes.world import SHAPES, render_batch, sample_scene
     import random
+
+    from blip2lab.worlds.shapes.world import SHAPES, render_batch, sample_scene
 
     torch.manual_seed(0)
     encoder = load_shapes_vision(SHIPPED)

@@ -411,20 +411,7 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype=None, llm
     main = _main_device(device_map) if llm is None else "cpu" if llm_map is None else \
         _llm_device(llm_map, _embedding_key(llm))
 
-    table = hf_table(model.config.qformer, model.image_encoder.vision_model.state_dict().keys(),
-                     llm.state_dict().keys() if llm is not None else ())
-    groups = tie_groups(model)
-    ignorable = [re.compile(p) for p in (getattr(llm, "_keys_to_ignore_on_load_unexpected", None) or [])]
-
-    def ignore(k: str) -> bool:
-        return k == "embeddings.position_ids" or (k.startswith("language_model.") and any(
-            p.search(k.removeprefix("language_model.")) for p in ignorable))
-
-    todo = plan(table, shards.shapes, model.state_dict(), str(folder),
-                 optional=set().union(*groups), tie_groups=groups, ignore=ignore)
-    skipped = sorted(k for k in shards.shapes if ignore(k) and k != "embeddings.position_ids")
-    if skipped:
-        warnings.warn(f"{folder}: not loaded, as {type(llm).__name__} declares them unused: {skipped}", stacklevel=2)
+    todo = _plan_hf(model, llm, shards, folder)
 
     def device_of(ours: str):
         if llm_map and ours.startswith("llm.model."):
@@ -443,6 +430,26 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype=None, llm
     model.official = OfficialInfo(str(source), arch, getattr(hf_config, "image_token_index", None),
                                   untrained=HF_ABSENT if retrieval else ())
     return model.eval()
+
+
+def _plan_hf(model: nn.Module, llm: Optional[nn.Module], shards: Shards, folder: Path) -> dict:
+    """The key plan of an HF folder (`streaming.plan` through `hf_table`): every tensor used,
+    but those the LLM class itself declares unused (named in a warning)."""
+    table = hf_table(model.config.qformer, model.image_encoder.vision_model.state_dict().keys(),
+                     llm.state_dict().keys() if llm is not None else ())
+    groups = tie_groups(model)
+    ignorable = [re.compile(p) for p in (getattr(llm, "_keys_to_ignore_on_load_unexpected", None) or [])]
+
+    def ignore(k: str) -> bool:
+        return k == "embeddings.position_ids" or (k.startswith("language_model.") and any(
+            p.search(k.removeprefix("language_model.")) for p in ignorable))
+
+    todo = plan(table, shards.shapes, model.state_dict(), str(folder),
+                optional=set().union(*groups), tie_groups=groups, ignore=ignore)
+    skipped = sorted(k for k in shards.shapes if ignore(k) and k != "embeddings.position_ids")
+    if skipped:
+        warnings.warn(f"{folder}: not loaded, as {type(llm).__name__} declares them unused: {skipped}", stacklevel=3)
+    return todo
 
 
 def _main_device(device_map) -> str:
@@ -534,9 +541,6 @@ def export_hf(model, path: str | os.PathLike, *, image_token_index: Optional[int
     OPT and 32100 for FlanT5, both in the unused padding rows of the embedding matrix, as is
     the last row). Our Q-Former token ids go to `blip2lab_config.json` beside, which
     `load_official` reads back. A sharded checkpoint already in `path` is replaced."""
-    from safetensors.torch import save_file
-    from transformers import Blip2Config as HFBlip2Config
-
     config: Blip2Config = model.config
     q = config.qformer
     has_llm = model.llm is not None
@@ -544,21 +548,7 @@ def export_hf(model, path: str | os.PathLike, *, image_token_index: Optional[int
         raise WeightsError("the HF layout holds either a generation model (LLM, no Q-Former text side: "
                            "Blip2ForConditionalGeneration) or a retrieval model (Q-Former text side, no LLM: "
                            f"Blip2ForImageTextRetrieval); this model has llm={has_llm}, text_input={q.text_input}")
-    vc = hf_vision_config(model)
-    if config.vision.ln_vision_eps != vc.layer_norm_eps:
-        warnings.warn(f"ln_vision_eps ({config.vision.ln_vision_eps}) != the vision layer_norm_eps "
-                      f"({vc.layer_norm_eps}): HF applies ln_vision (post_layernorm) with the latter", stacklevel=2)
-    arch = "Blip2ForConditionalGeneration" if has_llm else "Blip2ForImageTextRetrieval"
-    text_config = model.llm.model.config.to_dict() if has_llm else None
-    if image_token_index is None and has_llm:
-        info = getattr(model, "official", None)
-        image_token_index = info.image_token_index if info is not None and info.image_token_index is not None \
-            else model.llm.model.get_input_embeddings().num_embeddings - 1
-    hf_config = HFBlip2Config(vision_config=vc.to_dict(), qformer_config=_hf_qformer_config(q, vc.hidden_size),
-                              text_config=text_config, num_query_tokens=q.num_queries,
-                              image_text_hidden_size=config.embed_dim, image_token_index=image_token_index)
-    hf_config.architectures = [arch]
-
+    hf_config = _hf_config(model, image_token_index)
     own = model.state_dict()
     encoder_keys = [k.removeprefix("image_encoder.vision_model.") for k in own if k.startswith("image_encoder.")]
     llm_keys = [k.removeprefix("llm.model.") for k in own if k.startswith("llm.model.")]
@@ -577,8 +567,40 @@ def export_hf(model, path: str | os.PathLike, *, image_token_index: Optional[int
         parts = value.chunk(len(keys_of(theirs))) if not isinstance(theirs, str) else (value,)  # fused q;k;v rows
         for name, part in zip(keys_of(theirs), parts):
             tensors[name] = part.contiguous().cpu()
+    path = _write_safetensors(tensors, Path(path))
+    hf_config.save_pretrained(str(path))
+    (path / _SIDECAR).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    return path
 
-    path = Path(path)
+
+def _hf_config(model, image_token_index: Optional[int]):
+    """transformers' Blip2Config of our model (HF's `post_layernorm` runs with the vision
+    eps: a different `ln_vision_eps` is warned about)."""
+    from transformers import Blip2Config as HFBlip2Config
+
+    config, has_llm = model.config, model.llm is not None
+    vc = hf_vision_config(model)
+    if config.vision.ln_vision_eps != vc.layer_norm_eps:
+        warnings.warn(f"ln_vision_eps ({config.vision.ln_vision_eps}) != the vision layer_norm_eps "
+                      f"({vc.layer_norm_eps}): HF applies ln_vision (post_layernorm) with the latter", stacklevel=3)
+    if image_token_index is None and has_llm:
+        info = getattr(model, "official", None)
+        image_token_index = info.image_token_index if info is not None and info.image_token_index is not None \
+            else model.llm.model.get_input_embeddings().num_embeddings - 1
+    hf_config = HFBlip2Config(vision_config=vc.to_dict(),
+                              qformer_config=_hf_qformer_config(config.qformer, vc.hidden_size),
+                              text_config=model.llm.model.config.to_dict() if has_llm else None,
+                              num_query_tokens=config.qformer.num_queries, image_text_hidden_size=config.embed_dim,
+                              image_token_index=image_token_index)
+    hf_config.architectures = ["Blip2ForConditionalGeneration" if has_llm else "Blip2ForImageTextRetrieval"]
+    return hf_config
+
+
+def _write_safetensors(tensors: dict, path: Path) -> Path:
+    """`tensors` as path/model.safetensors, atomically; a sharded checkpoint there goes (its
+    index would shadow the new file)."""
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     index = path / "model.safetensors.index.json"
     if index.is_file():  # a sharded checkpoint was here: it would shadow the new file, so it goes
@@ -588,6 +610,4 @@ def export_hf(model, path: str | os.PathLike, *, image_token_index: Optional[int
     tmp = path / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / "model.safetensors")  # a crash never leaves half a file under the real name
-    hf_config.save_pretrained(str(path))
-    (path / _SIDECAR).write_text(json.dumps(to_dict(config), indent=2) + "\n")
     return path

@@ -211,14 +211,7 @@ def load_lavis(path_or_state_dict, config: Blip2Config, language_model: Optional
     state = _as_state(path_or_state_dict, "the LAVIS checkpoint")
     source = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else "the LAVIS state dict"
     vision = config.vision
-    if vision.backend != "hf_blip2":
-        raise WeightsError(f"load_lavis needs vision.backend='hf_blip2' (the EVA tower in HF layout), "
-                           f"got {vision.backend!r}")
-    if vision.layer_index % vision.layers != vision.layers - 1:
-        raise WeightsError(f"LAVIS runs every block of its ViT and reads the last one's output, but vision.layers="
-                           f"{vision.layers} with vision.layer_index={vision.layer_index} would keep "
-                           f"{vision.used_layers}: set vision.layers to LAVIS's depth (39 for EVA ViT-g) and "
-                           f"vision.layer_index=-1")
+    _check_lavis_vision(vision)
     state, notes = _lavis_vision(state, vision_weights, vision.layers, source)
     prefixes = sorted({p for p in _LLM_PREFIXES for k in state if k.startswith((f"{p}_model.", f"{p}_proj."))})
     if len(prefixes) > 1:
@@ -230,27 +223,8 @@ def load_lavis(path_or_state_dict, config: Blip2Config, language_model: Optional
     with init_empty_weights(include_buffers=False):
         model = Blip2(config, language_model=llm)
     llm_keys = list(llm.state_dict()) if llm is not None and has_llm_weights else []
-    table = lavis_table(config, vision.layers, llm_keys, prefix)
-
     _check_lm_head_tie(state, config.qformer, source)
-    for key in [k for k in state if k.endswith(".attn.qkv.weight") and k.startswith("visual_encoder.blocks.")]:
-        block = key.removesuffix("attn.qkv.weight")
-        state[block + _K_BIAS] = torch.zeros(state[key].shape[0] // 3, dtype=state[key].dtype)
-
-    def ignore(k: str) -> bool:
-        return k in ("Qformer.bert.embeddings.position_ids", "Qformer.cls.predictions.decoder.weight",
-                     "Qformer.cls.predictions.decoder.bias") or k.endswith(_K_BIAS)
-
-    groups = tie_groups(model) if llm_keys else []
-    not_here = [] if has_llm_weights else [k for k in model.state_dict() if k.startswith("llm.model.")]
-    hint = "" if any(k.startswith("visual_encoder.") for k in state) else \
-        " (LAVIS checkpoints omit the frozen ViT: pass vision_weights=, e.g. eva_vit_g.pth)"
-    try:
-        todo = plan({k: v for k, v in table.items() if k not in not_here},
-                     {k: tuple(t.shape) for k, t in state.items()}, model.state_dict(), source,
-                     optional=set().union(*groups), tie_groups=groups, ignore=ignore)
-    except WeightsError as err:
-        raise WeightsError(str(err) + hint) from None
+    todo = _plan_lavis(model, state, lavis_table(config, vision.layers, llm_keys, prefix), has_llm_weights, source)
     # clone: the new model owns its tensors (never shares them with the caller's dict or the file's mmap)
     fill(model, todo, lambda k: state[k].detach().clone(), dtype, lambda k: "cpu")
     finish(model, todo, (), dtype, "cpu", source)
@@ -261,6 +235,40 @@ def load_lavis(path_or_state_dict, config: Blip2Config, language_model: Optional
         warnings.warn(f"{source} has no {prefix}_model.* weights (LAVIS saves only trainable tensors): the LLM "
                       f"keeps the weights it was given ({type(llm).__name__})", stacklevel=2)
     return model.eval()
+
+
+def _check_lavis_vision(vision) -> None:
+    if vision.backend != "hf_blip2":
+        raise WeightsError(f"load_lavis needs vision.backend='hf_blip2' (the EVA tower in HF layout), "
+                           f"got {vision.backend!r}")
+    if vision.layer_index % vision.layers != vision.layers - 1:
+        raise WeightsError(f"LAVIS runs every block of its ViT and reads the last one's output, but vision.layers="
+                           f"{vision.layers} with vision.layer_index={vision.layer_index} would keep "
+                           f"{vision.used_layers}: set vision.layers to LAVIS's depth (39 for EVA ViT-g) and "
+                           f"vision.layer_index=-1")
+
+
+def _plan_lavis(model: nn.Module, state: dict, table: dict, has_llm_weights: bool, source: str) -> dict:
+    """The key plan of a LAVIS state (`streaming.plan`): EVA's absent key bias stands in as
+    zeros, the tied MLM decoder and BERT's position ids are not ours to load."""
+    for key in [k for k in state if k.endswith(".attn.qkv.weight") and k.startswith("visual_encoder.blocks.")]:
+        block = key.removesuffix("attn.qkv.weight")
+        state[block + _K_BIAS] = torch.zeros(state[key].shape[0] // 3, dtype=state[key].dtype)
+
+    def ignore(k: str) -> bool:
+        return k in ("Qformer.bert.embeddings.position_ids", "Qformer.cls.predictions.decoder.weight",
+                     "Qformer.cls.predictions.decoder.bias") or k.endswith(_K_BIAS)
+
+    groups = tie_groups(model) if has_llm_weights else []
+    not_here = [] if has_llm_weights else [k for k in model.state_dict() if k.startswith("llm.model.")]
+    hint = "" if any(k.startswith("visual_encoder.") for k in state) else \
+        " (LAVIS checkpoints omit the frozen ViT: pass vision_weights=, e.g. eva_vit_g.pth)"
+    try:
+        return plan({k: v for k, v in table.items() if k not in not_here},
+                    {k: tuple(t.shape) for k, t in state.items()}, model.state_dict(), source,
+                    optional=set().union(*groups), tie_groups=groups, ignore=ignore)
+    except WeightsError as err:
+        raise WeightsError(str(err) + hint) from None
 
 
 def _check_lm_head_tie(state: Mapping[str, Tensor], q: QFormerConfig, source: str) -> None:

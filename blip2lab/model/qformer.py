@@ -34,7 +34,6 @@ from torch.utils.checkpoint import checkpoint
 from ..config import QFormerConfig
 from .speedups import KV, ImageKV, RowPlan, packed_ffn
 
-
 # ---------------------------------------------------------------------------------------
 # The three attention masks of stage 1
 # ---------------------------------------------------------------------------------------
@@ -277,12 +276,6 @@ class QFormer(nn.Module):
         if position_offset + ids.shape[1] > self.cfg.max_position_embeddings:
             raise ValueError(f"text of {position_offset + ids.shape[1]} tokens exceeds "
                              f"qformer.max_position_embeddings ({self.cfg.max_position_embeddings})")
-
-    def image_kv(self, image: Tensor) -> ImageKV:
-        """image (B, N, D_v) after ln_vision -> its cross-attention keys/values, every layer."""
-        image = image.to(self.query_tokens.dtype)  # a bf16 tower's output into an fp32 Q-Former, as forward
-        return ImageKV([None if layer.cross_attn is None else layer.cross_attn.source_kv(image)
-                        for layer in self.layers])
 
     def forward(
         self,

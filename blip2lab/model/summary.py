@@ -5,7 +5,7 @@ the output shape of every named submodule in one forward pass (`trace_shapes`)."
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn

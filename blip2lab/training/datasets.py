@@ -43,7 +43,8 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from blip2lab import dist
-from blip2lab.processor import DEFAULT_MAX_PIXELS, clean_caption, load_image
+from blip2lab.images import DEFAULT_MAX_PIXELS, load_image
+from blip2lab.processor import clean_caption
 
 __all__ = [
     "MAX_EXAMPLES",

@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..formats.native import fingerprint
-from ..processor import CropConfig, ImageTransform, crop_params
+from ..images import CropConfig, ImageTransform, crop_params
 
 FEATURES_NAME = "features.f16"
 META_NAME = "cache.json"

@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from blip2lab.config import TrainConfig, save_json
 from blip2lab.model.losses import total_loss
+
 from ..dtypes import native_bf16
 
 STATE_NAME = "train_state.pt"
@@ -263,80 +264,29 @@ def train(
     `resume=True` continues from `out_dir/checkpoint` exactly where it stopped."""
     out = Path(out_dir) if out_dir is not None else None
     accelerator = accelerator or _accelerator(cfg)
-    batch_at = batches if callable(batches) else _from_iterable(batches)
-    loss_kwargs = dict(loss_kwargs or {})
-    scheduled = "losses" not in loss_kwargs  # the caller's own `losses` wins over the schedule
-    if "label_smoothing" not in loss_kwargs and any(n in cfg.losses for n in ("itc", "itg")):
-        loss_kwargs["label_smoothing"] = cfg.label_smoothing
-    if "itm_easy_negatives" not in loss_kwargs and "itm" in cfg.losses and cfg.itm_easy_negatives > 0:
-        loss_kwargs["itm_easy_negatives"] = cfg.itm_easy_negatives
-    if "lm_per_item" not in loss_kwargs and "lm" in cfg.losses and cfg.lm_per_item:
-        loss_kwargs["lm_per_item"] = True
-    accepts_generator = _accepts(model, "generator") and "generator" not in loss_kwargs
-    state = LoopState()
-    if resume:
-        if out is None or not (out / "checkpoint" / STATE_NAME).is_file():
-            raise FileNotFoundError(f"nothing to resume: no {out}/checkpoint/{STATE_NAME}")
-        _load_weights(model, out / "checkpoint")
-    optimizer = make_optimizer(model, cfg)
-    if resume:
-        saved = torch.load(out / "checkpoint" / STATE_NAME, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        state = LoopState(saved["step"], saved["bad_steps"], list(saved["history"]))
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    step_fn = _Step(model, batches if callable(batches) else _from_iterable(batches), cfg, loss_kwargs, accelerator)
+    state, optimizer = _start(model, cfg, out, resume)
+    step_fn.wrapped, step_fn.optimizer = accelerator.prepare(model, optimizer)
     main = accelerator.is_main_process
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, out / "train_config.json")
+        save_json(cfg, out / "train_config.json")  # the resolved config beside what it trains
         if hasattr(model, "config"):
             save_json(model.config, out / "model_config.json")
     logger = _Logger(out, main)
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
+    bar = _progress_bar(cfg, state, progress and main)
 
-        bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True)
-    wrapped.train()
+    def checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            save_checkpoint(accelerator.unwrap_model(step_fn.wrapped), step_fn.optimizer, state, cfg,
+                            out / "checkpoint", save_weights)
+
+    step_fn.wrapped.train()
     try:
         while state.step < cfg.max_steps:
             step = state.step
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            torch.manual_seed(step_seed(cfg.seed, step, accelerator.process_index))
-            logs: dict[str, float] = {}
-            for micro in range(cfg.grad_accum_steps):
-                batch = _to_device(batch_at(step * cfg.grad_accum_steps + micro), accelerator.device)
-                extra = {}
-                if accepts_generator:
-                    extra["generator"] = torch.Generator(device=accelerator.device).manual_seed(
-                        step_seed(cfg.seed, step * cfg.grad_accum_steps + micro, accelerator.process_index) + 1)
-                if scheduled:
-                    extra["losses"] = cfg.losses_at(step)
-                with _autocast(accelerator):
-                    losses = wrapped(**batch, **loss_kwargs, **extra)
-                loss = total_loss(losses)
-                accelerator.backward(loss / cfg.grad_accum_steps)
-                for k, v in losses.items():
-                    logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.grad_accum_steps
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-            finite = torch.isfinite(torch.as_tensor(grad_norm)).all() and math.isfinite(
-                sum(v for k, v in logs.items() if k.endswith("_loss")))
-            finite = bool(accelerator.reduce(torch.tensor(float(not finite), device=accelerator.device),
-                                             reduction="sum").item() == 0)
-            if not finite:  # NaN/inf guard: skip the update, count it, stop when it keeps happening
-                optimizer.zero_grad(set_to_none=True)
-                state.bad_steps += 1
-                if state.bad_steps > cfg.max_bad_steps:
-                    raise FloatingPointError(f"{state.bad_steps} steps with a non-finite loss or gradient "
-                                             f"(train.max_bad_steps = {cfg.max_bad_steps}); last at step {step}")
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            logs["loss"] = sum(v for k, v in logs.items() if k.endswith("_loss"))
-            logs["lr"] = optimizer.param_groups[0]["lr"]
-            logs["grad_norm"] = float(grad_norm)
-            logs["skipped"] = float(not finite)
+            logs = step_fn(step, state)
             state.history.append(logs)
             state.step += 1
             logger.log(step, logs)
@@ -348,15 +298,10 @@ def train(
             if state.step % RELEASE_EVERY == 0:
                 release_free_memory()
             if out is not None and cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(accelerator.unwrap_model(wrapped), optimizer, state, cfg, out / "checkpoint",
-                                    save_weights)
+                checkpoint()
         if out is not None:
-            accelerator.wait_for_everyone()
+            checkpoint()
             if main:
-                save_checkpoint(accelerator.unwrap_model(wrapped), optimizer, state, cfg, out / "checkpoint",
-                                save_weights)
                 (out / "summary.json").write_text(json.dumps(
                     {"steps": state.step, "bad_steps": state.bad_steps, "final": state.history[-1]}, indent=2) + "\n")
     finally:
@@ -364,6 +309,91 @@ def train(
         if bar is not None:
             bar.close()
     return state.history
+
+
+def _start(model: nn.Module, cfg: TrainConfig, out: Optional[Path], resume: bool):
+    """(loop state, optimiser): fresh, or as `out/checkpoint` left them (weights loaded too)."""
+    state = LoopState()
+    if resume:
+        if out is None or not (out / "checkpoint" / STATE_NAME).is_file():
+            raise FileNotFoundError(f"nothing to resume: no {out}/checkpoint/{STATE_NAME}")
+        _load_weights(model, out / "checkpoint")
+    optimizer = make_optimizer(model, cfg)
+    if resume:
+        saved = torch.load(out / "checkpoint" / STATE_NAME, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        state = LoopState(saved["step"], saved["bad_steps"], list(saved["history"]))
+    return state, optimizer
+
+
+def _progress_bar(cfg: TrainConfig, state: LoopState, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True)
+
+
+class _Step:
+    """One optimiser step: the lr of the schedule, the step's seed (dropout, ITM negatives),
+    `grad_accum_steps` micro-batches, gradient clipping, and the NaN / inf guard that skips an
+    update rather than apply it. Returns the step's logs."""
+
+    def __init__(self, model: nn.Module, batch_at: Callable[[int], dict], cfg: TrainConfig,
+                 loss_kwargs: Optional[dict], accelerator):
+        self.batch_at, self.cfg, self.accelerator = batch_at, cfg, accelerator
+        kwargs = dict(loss_kwargs or {})
+        self.scheduled = "losses" not in kwargs  # the caller's own `losses` wins over the schedule
+        if "label_smoothing" not in kwargs and any(n in cfg.losses for n in ("itc", "itg")):
+            kwargs["label_smoothing"] = cfg.label_smoothing
+        if "itm_easy_negatives" not in kwargs and "itm" in cfg.losses and cfg.itm_easy_negatives > 0:
+            kwargs["itm_easy_negatives"] = cfg.itm_easy_negatives
+        if "lm_per_item" not in kwargs and "lm" in cfg.losses and cfg.lm_per_item:
+            kwargs["lm_per_item"] = True
+        self.loss_kwargs = kwargs
+        self.accepts_generator = _accepts(model, "generator") and "generator" not in kwargs
+        self.wrapped = self.optimizer = None  # set once accelerate has prepared them
+
+    def __call__(self, step: int, state: LoopState) -> dict[str, float]:
+        cfg, acc, optimizer = self.cfg, self.accelerator, self.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        torch.manual_seed(step_seed(cfg.seed, step, acc.process_index))
+        logs: dict[str, float] = {}
+        for micro in range(cfg.grad_accum_steps):
+            for k, v in self._micro_step(step, step * cfg.grad_accum_steps + micro).items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum_steps
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        finite = torch.isfinite(torch.as_tensor(grad_norm)).all() and math.isfinite(
+            sum(v for k, v in logs.items() if k.endswith("_loss")))
+        finite = bool(acc.reduce(torch.tensor(float(not finite), device=acc.device), reduction="sum").item() == 0)
+        if finite:
+            optimizer.step()
+        else:  # skip the update, count it, stop when it keeps happening
+            state.bad_steps += 1
+            if state.bad_steps > cfg.max_bad_steps:
+                raise FloatingPointError(f"{state.bad_steps} steps with a non-finite loss or gradient "
+                                         f"(train.max_bad_steps = {cfg.max_bad_steps}); last at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        return logs | {"loss": sum(v for k, v in logs.items() if k.endswith("_loss")),
+                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                       "skipped": float(not finite)}
+
+    def _micro_step(self, step: int, micro: int) -> dict[str, float]:
+        """Forward and backward of micro-batch `micro`: its losses, as floats."""
+        cfg, acc = self.cfg, self.accelerator
+        batch = _to_device(self.batch_at(micro), acc.device)
+        extra = {}
+        if self.accepts_generator:
+            extra["generator"] = torch.Generator(device=acc.device).manual_seed(
+                step_seed(cfg.seed, micro, acc.process_index) + 1)
+        if self.scheduled:
+            extra["losses"] = cfg.losses_at(step)
+        with _autocast(acc):
+            losses = self.wrapped(**batch, **self.loss_kwargs, **extra)
+        acc.backward(total_loss(losses) / cfg.grad_accum_steps)
+        return {k: float(v.detach()) for k, v in losses.items()}
 
 
 def release_free_memory() -> bool:

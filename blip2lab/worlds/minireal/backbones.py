@@ -33,11 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from blip2lab.model.image_encoder.efficientnet import EFFICIENTNET_MEAN, EFFICIENTNET_STD
+from blip2lab.formats.sources import local_model, tokenizer_from_path
 from blip2lab.formats.towers import load_efficientnet_weights
+from blip2lab.model.image_encoder.efficientnet import EFFICIENTNET_MEAN, EFFICIENTNET_STD
 from blip2lab.processor import make_qformer_tokenizer
-from blip2lab.formats.sources import tokenizer_from_path
-from blip2lab.formats.sources import local_model
 
 __all__ = [
     "EFFICIENTNET", "MINILM", "SMOLLM2", "EFFICIENTNET_NAME", "EFFICIENTNET_TAPS",

@@ -58,26 +58,25 @@ import random
 import re
 import resource
 import subprocess
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from blip2lab.worlds.minireal import backbones as mr
+from blip2lab.config import Blip2Config, TrainConfig, from_preset
+from blip2lab.formats import build_model
+from blip2lab.formats.native import WEIGHTS_NAME, load_weights_into, save_pretrained
 from blip2lab.model.blip2 import Blip2
-from blip2lab.config import Blip2Config, TrainConfig
-from blip2lab.worlds.minireal import clipart as C
-from blip2lab.training.feature_cache import CachedFeatureDataset, CropConfig, FeatureCache, build_feature_cache
+from blip2lab.paths import MODELS_DIR
 from blip2lab.pipeline import Blip2Pipeline, load
 from blip2lab.processor import Blip2Processor, clean_caption
+from blip2lab.training.feature_cache import CachedFeatureDataset, CropConfig, FeatureCache, build_feature_cache
 from blip2lab.training.loop import BatchStream, Timer, train
-from blip2lab.formats.native import WEIGHTS_NAME, load_weights_into, save_pretrained
-from blip2lab.formats import build_model
-from blip2lab.paths import MODELS_DIR
-from blip2lab.config import from_preset
+from blip2lab.worlds.minireal import backbones as mr
+from blip2lab.worlds.minireal import clipart as C
 
 REPO = MODELS_DIR.parent
 CLIPART_CACHE = REPO / "runs" / "clipart"  # where `python -m blip2lab.worlds.minireal.clipart --images` caches the images

@@ -54,10 +54,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from blip2lab.model.blip2 import Blip2
-from blip2lab.worlds.shapes import world
 from blip2lab.pipeline import Blip2Pipeline
 from blip2lab.training.loop import BatchStream, train
 from blip2lab.worlds.shapes import recipe as R
+from blip2lab.worlds.shapes import world
 
 __all__ = ["Run", "Trained", "train_features", "run_stage1", "stage2_model", "run_stage2", "quick_eval", "retrieval",
            "figure5", "table6", "queries", "encoders", "llm_size", "mean_sd", "write_rows", "SWEEPS"]

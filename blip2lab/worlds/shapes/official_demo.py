@@ -23,8 +23,8 @@ def tiny_official_checkpoints(folder: str | Path, seed: int = 0, image_size: int
     Returns (generation folder, retrieval folder, the Q-Former token ids to pass to `load`)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, OPTConfig
 
-    from blip2lab.processor import qformer_token_ids
     from blip2lab.formats.sources import tokenizer_from_path
+    from blip2lab.processor import qformer_token_ids
     from blip2lab.worlds.shapes.recipe import BACKBONES, qformer_tokenizer
 
     qtok = qformer_tokenizer()

@@ -38,16 +38,15 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, TrainConfig, from_preset, to_dict
+from blip2lab.formats import build_model as build_blip2
+from blip2lab.formats.sources import tokenizer_from_path
 from blip2lab.model.blip2 import Blip2
-from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, TrainConfig
-from blip2lab.worlds.shapes import world
+from blip2lab.paths import MODELS_DIR
 from blip2lab.pipeline import Blip2Pipeline
 from blip2lab.processor import Blip2Processor, make_qformer_tokenizer
-from blip2lab.formats.sources import tokenizer_from_path
 from blip2lab.training.loop import BatchStream, Timer, resolve_precision, train
-from blip2lab.formats import build_model as build_blip2
-from blip2lab.paths import MODELS_DIR
-from blip2lab.config import from_preset, to_dict
+from blip2lab.worlds.shapes import world
 
 BACKBONES = MODELS_DIR / "backbones"
 LLMKind = Literal["opt", "t5"]

@@ -44,7 +44,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from blip2lab.worlds.shapes.world import (NUMBER_WORDS, QUESTION_TYPES, VOCABULARY, Scene, caption, make_split, paraphrases, questions, stable_seed)
+from blip2lab.worlds.shapes.world import (
+    NUMBER_WORDS,
+    QUESTION_TYPES,
+    VOCABULARY,
+    Scene,
+    caption,
+    make_split,
+    paraphrases,
+    questions,
+    stable_seed,
+)
 
 __all__ = [
     "BOS", "EXTRA_WORDS", "Passage", "world_corpus", "t5_corpus", "bert_corpus",

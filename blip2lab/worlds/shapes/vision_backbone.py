@@ -78,12 +78,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blip2lab.processor import ImageTransform
 from blip2lab.config import TrainConfig, VisionConfig, load_json, save_json, to_dict
-from blip2lab.worlds.shapes.world import (COLORS, COLUMNS, HELD_OUT, ROWS, SHAPES, SIZES, Scene, iter_split, make_split, render_batch)
-from blip2lab.model.image_encoder import OpenClipImageEncoder, build_open_clip_tower
 from blip2lab.formats.keys import load_strict
+from blip2lab.images import ImageTransform
+from blip2lab.model.image_encoder import OpenClipImageEncoder, build_open_clip_tower
 from blip2lab.paths import MODELS_DIR
+from blip2lab.worlds.shapes.world import (
+    COLORS,
+    COLUMNS,
+    HELD_OUT,
+    ROWS,
+    SHAPES,
+    SIZES,
+    Scene,
+    iter_split,
+    make_split,
+    render_batch,
+)
 
 __all__ = [
     "SHAPES_VISION_CONFIG", "DEFAULT_DIR", "ATTRIBUTES", "CELLS",
