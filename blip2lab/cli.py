@@ -11,8 +11,10 @@
     blip2lab minireal train stage1|stage2 [--stage1 DIR] [--resume] [--preset ...]
     blip2lab minireal eval [--model DIR] [--preset ...]
 
---model defaults to $BLIP2LAB_MODEL, else the shipped shapes model. Decoding options:
---beams, --max-new-tokens, --min-new-tokens, --sample (nucleus sampling, top-p 0.9).
+--model defaults to $BLIP2LAB_MODEL, else the shipped shapes model. Decoding options take
+transformers' generate names: --num-beams (--beams), --max-new-tokens, --min-new-tokens,
+--do-sample, --top-p, --top-k, --temperature, --repetition-penalty, --length-penalty,
+--no-repeat-ngram-size; --sample is LAVIS's nucleus sampling (top-p 0.9).
 """
 
 from __future__ import annotations
@@ -37,19 +39,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="shipped model name, blip2lab folder, or official checkpoint folder / hub id")
         p.add_argument("--device", default="cpu")
 
-    def decoding(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--beams", type=int, help="beam width (1 = greedy)")
-        p.add_argument("--max-new-tokens", type=int)
-        p.add_argument("--min-new-tokens", type=int)
-        p.add_argument("--sample", action="store_true", help="nucleus sampling (top-p 0.9) instead of beams")
-
     p = sub.add_parser("caption", help="caption images")
     p.add_argument("images", nargs="+")
-    common(p), decoding(p)
+    common(p), decoding_flags(p)
     p = sub.add_parser("vqa", help="answer a question about an image")
     p.add_argument("image")
     p.add_argument("question")
-    common(p), decoding(p)
+    common(p), decoding_flags(p)
     p = sub.add_parser("match", help="ITM probability, ITM logit and ITC cosine of an image and a text")
     p.add_argument("image")
     p.add_argument("text")
@@ -194,15 +190,29 @@ def _minireal(args: argparse.Namespace, command: str) -> None:
         print(json.dumps({k: v for k, v in results.items() if k != "slice"}, indent=2, default=str))
 
 
+# transformers' generate keywords as flags (pipeline.HF_GENERATE_KEYWORDS): name -> type.
+_DECODING_FLAGS = {"num_beams": int, "max_new_tokens": int, "min_new_tokens": int, "top_p": float, "top_k": int,
+                   "temperature": float, "repetition_penalty": float, "length_penalty": float,
+                   "no_repeat_ngram_size": int}
+
+
+def decoding_flags(p: argparse.ArgumentParser) -> None:
+    """--num-beams (or --beams), --max-new-tokens, ... as transformers names them; --do-sample /
+    --no-do-sample; --sample is LAVIS's nucleus sampling (top-p 0.9)."""
+    for name, kind in _DECODING_FLAGS.items():
+        flags = [f"--{name.replace('_', '-')}"] + (["--beams"] if name == "num_beams" else [])
+        p.add_argument(*flags, dest=name, type=kind, help=f"transformers' {name}")
+    p.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample as transformers does (top_k 50 unless --top-k), or not")
+    p.add_argument("--sample", action="store_true", help="nucleus sampling (top-p 0.9), LAVIS's use_nucleus_sampling")
+    p.add_argument("--seed", type=int, help="seed of the sampling RNG")
+
+
 def _decoding(args: argparse.Namespace) -> dict:
-    out = {}
-    if args.beams is not None:
-        out["num_beams"] = args.beams
-    if args.max_new_tokens is not None:
-        out["max_new_tokens"] = args.max_new_tokens
-    if args.min_new_tokens is not None:
-        out["min_new_tokens"] = args.min_new_tokens
-    if args.sample:
+    """The decoding flags given on the command line -> caption / answer keywords."""
+    out = {name: getattr(args, name) for name in (*_DECODING_FLAGS, "do_sample", "seed")
+           if getattr(args, name, None) is not None}
+    if getattr(args, "sample", False):
         out["use_nucleus_sampling"] = True
     return out
 

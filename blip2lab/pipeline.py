@@ -15,7 +15,6 @@ Sources `load` understands, in this order:
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -45,20 +44,54 @@ VQA_DECODING = dict(strategy="beam", num_beams=5, max_new_tokens=10, length_pena
 QFORMER_CAPTION_DECODING = dict(strategy="beam", num_beams=3, max_new_tokens=29, min_new_tokens=9)
 
 
+# transformers' `generate` keywords that caption / answer / the CLI take, with transformers'
+# meaning, so code written for `model.generate(...)` runs unchanged; any other transformers
+# keyword is refused by name (a silently ignored `max_length` would change the results).
+HF_GENERATE_KEYWORDS = ("do_sample", "num_beams", "max_new_tokens", "min_new_tokens", "top_p", "top_k",
+                        "temperature", "repetition_penalty", "length_penalty", "no_repeat_ngram_size")
+# blip2lab's own names beside them: DecodingConfig fields, and LAVIS's sampling switch.
+OWN_DECODING_KEYWORDS = ("strategy", "early_stopping", "seed", "use_nucleus_sampling")
+HF_SAMPLING_TOP_K = 50  # transformers samples with top_k 50 when none is set (GenerationConfig defaults)
+_LENGTH_HINTS = {"max_length": "max_new_tokens", "min_length": "min_new_tokens"}
+
+
 def decoding_config(defaults: dict, **overrides: Any) -> DecodingConfig:
-    """Defaults + user overrides (DecodingConfig's field names). `num_beams=1` means greedy,
-    `num_beams>1` beam search, `use_nucleus_sampling=True` sampling with top_p 0.9."""
-    known = {f.name for f in fields(DecodingConfig)}
+    """Defaults + user overrides: transformers' generate keywords (HF_GENERATE_KEYWORDS) or
+    DecodingConfig's field names. `num_beams=1` means greedy, `num_beams>1` beam search;
+    `do_sample=True` samples as transformers does (top_k 50 unless given, one beam);
+    `do_sample=False` keeps the defaults' search; `use_nucleus_sampling=True` is LAVIS's
+    sampling (top_p 0.9)."""
+    _refuse_unknown(overrides)
     args = dict(defaults)
     if overrides.pop("use_nucleus_sampling", False):
+        if overrides.get("do_sample") is False:
+            raise ValueError("use_nucleus_sampling=True and do_sample=False contradict each other")
         args.update(strategy="sample", top_p=overrides.pop("top_p", 0.9))
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"unknown decoding option(s) {unknown}; known: {sorted(known | {'use_nucleus_sampling'})}")
+    do_sample = overrides.pop("do_sample", None)
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
+    if do_sample:
+        if overrides.get("num_beams", 1) != 1:
+            raise ValueError(f"do_sample=True with num_beams={overrides['num_beams']} is transformers' beam "
+                             "sampling, which blip2lab does not implement: sample with num_beams=1, or search "
+                             "with do_sample=False")
+        args.update(strategy="sample", num_beams=1, top_k=overrides.pop("top_k", HF_SAMPLING_TOP_K))
+    elif do_sample is False and args["strategy"] == "sample" and "strategy" not in overrides:
+        args["strategy"] = "beam" if overrides.get("num_beams", args["num_beams"]) > 1 else "greedy"
     args.update(overrides)
     if "num_beams" in overrides and "strategy" not in overrides and args["strategy"] != "sample":
         args["strategy"] = "beam" if args["num_beams"] > 1 else "greedy"
     return DecodingConfig(**args)
+
+
+def _refuse_unknown(overrides: dict) -> None:
+    unknown = sorted(set(overrides) - set(HF_GENERATE_KEYWORDS) - set(OWN_DECODING_KEYWORDS))
+    if not unknown:
+        return
+    hints = [f"{k}: lengths count new tokens only here, use {_LENGTH_HINTS[k]}" for k in unknown if k in _LENGTH_HINTS]
+    raise TypeError(f"unsupported decoding keyword(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+                    + f"; transformers' keywords taken: {list(HF_GENERATE_KEYWORDS)}; blip2lab's own: "
+                    f"{list(OWN_DECODING_KEYWORDS)}")
 
 
 class Blip2Pipeline:
