@@ -164,6 +164,11 @@ class QFormerConfig:
     # LAVIS and HF drop it (HF `use_qformer_text_input=False`); stage 1, retrieval and the
     # question-aware VQA variant need it.
     text_input: bool = True
+    # With text_input: the heads stage 1 trains beside the text side, the LM head of ITG and
+    # Q-Former captions and the ITC / ITM heads (vision_proj, text_proj, itm_head, temp).
+    # InstructBLIP's Q-Former reads text (the instruction) but its checkpoints carry none of
+    # these heads (HF `InstructBlipQFormerModel`): False there.
+    stage1_heads: bool = True
     # A deviation, off in the paper (which trains every Q-Former weight): keep the word
     # embeddings copied from `init_from` frozen, and the rows it lacks ([DEC]) at a fixed
     # draw, so building the model from this config rebuilds the whole table and a checkpoint
@@ -269,6 +274,10 @@ class Blip2Config:
     # tokens in the ITM-style joint pass) so the queries extract question-relevant features.
     # LAVIS's BLIP-2 code lacks this (InstructBLIP has it); off by default.
     qformer_question: bool = False
+    # With qformer_question: the Q-Former reads the whole LLM prompt ("Question: {q} Answer:",
+    # the caption prompt too), not the bare question: InstructBLIP's instruction-aware queries
+    # (Dai et al. 2023, Sec. 2.2; HF `InstructBlipProcessor` gives both tokenizers the same text).
+    qformer_instruction: bool = False
     # A deviation, off in the paper: a trainable position embedding added to the image tokens
     # after ln_vision, so the Q-Former's cross-attention can select by location even when a
     # small frozen tower's token contents carry position only weakly (the shapes world).
@@ -277,6 +286,8 @@ class Blip2Config:
     def __post_init__(self) -> None:
         _check(not self.qformer_question or self.qformer.text_input,
                "qformer_question needs qformer.text_input=True (the question enters the Q-Former as text)")
+        _check(not self.qformer_instruction or self.qformer_question,
+               "qformer_instruction needs qformer_question=True (it says which text the Q-Former reads)")
         _check(self.embed_dim > 0, f"embed_dim must be > 0, got {self.embed_dim}")
         _check(0 < self.temp_min <= self.temp_init <= self.temp_max,
                f"need 0 < temp_min ({self.temp_min}) <= temp_init ({self.temp_init}) <= temp_max ({self.temp_max})")

@@ -156,7 +156,9 @@ class Blip2Pipeline:
             ids = self.model.generate_captions(image, decoding_config(QFORMER_CAPTION_DECODING, **decoding))
             return self.processor.decode_qformer(ids)
         prompt = self.processor.caption_prompt if prompt is None else prompt
-        return self._generate(image, [prompt] * image.shape[0], decoding_config(CAPTION_DECODING, **decoding))
+        prompts = [prompt] * image.shape[0]
+        return self._generate(image, prompts, decoding_config(CAPTION_DECODING, **decoding),
+                              self._qformer_text(None, prompts))
 
     @torch.no_grad()
     def answer(self, images: Any, questions: str | Sequence[str],
@@ -172,10 +174,19 @@ class Blip2Pipeline:
         history = history or [[] for _ in range(B)]
         prompts = [self.processor.chat_prompt(h, q) if h else self.processor.vqa_prompt(q)
                    for h, q in zip(history, questions)]
-        question_batch = None
-        if self.model.config.qformer_question:
-            question_batch = self.processor.qformer_questions(questions)
-        return self._generate(image, prompts, decoding_config(VQA_DECODING, **decoding), question_batch)
+        return self._generate(image, prompts, decoding_config(VQA_DECODING, **decoding),
+                              self._qformer_text(questions, prompts))
+
+    def _qformer_text(self, questions: Optional[list[str]], prompts: list[str]) -> Optional[dict]:
+        """What the Q-Former reads beside the queries: nothing (BLIP-2), the question (the
+        paper's VQA fine-tuning, `qformer_question`) or the whole LLM prompt (InstructBLIP,
+        `qformer_instruction`)."""
+        config = self.model.config
+        if config.qformer_instruction:
+            return self.processor.qformer_instructions(prompts)
+        if config.qformer_question and questions is not None:
+            return self.processor.qformer_questions(questions)
+        return None
 
     def _generate(self, image: Tensor, prompts: list[str], decoding: DecodingConfig,
                   question_batch: Optional[dict] = None) -> list[str]:

@@ -241,7 +241,8 @@ class Blip2Processor:
     def qformer_text(self, texts: Sequence[str], max_len: Optional[int] = None) -> dict[str, Tensor]:
         """Texts -> text_ids (B, T) = [CLS] tokens [SEP] [PAD]..., text_mask (B, T).
         Right padding to the longest row; tokens cut so the row fits `max_len`
-        (default qformer_max_len), [SEP] kept. [CLS] is the row LAVIS swaps for [ENC]/[DEC]
+        (default qformer_max_len), [SEP] kept; from the left when the tokenizer says
+        truncation_side "left". [CLS] is the row LAVIS swaps for [ENC]/[DEC]
         per task; the model does that."""
         tok = self._need_qformer()
         texts = _batch_list(texts, "texts")
@@ -249,7 +250,12 @@ class Blip2Processor:
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2 ([CLS] and [SEP]), got {max_len}")
         pieces = tok([t.strip() for t in texts], add_special_tokens=False)["input_ids"]
-        rows = [[tok.cls_token_id, *p[: max_len - 2], tok.sep_token_id] for p in pieces]
+        room = max_len - 2
+        # A tokenizer saved with truncation_side "left" (InstructBLIP's) keeps a long prompt's end,
+        # where the question and "Answer:" are.
+        keep = (lambda p: p[len(p) - room:] if len(p) > room else p) if tok.truncation_side == "left" \
+            else (lambda p: p[:room])
+        rows = [[tok.cls_token_id, *keep(p), tok.sep_token_id] for p in pieces]
         ids, mask = _pad(rows, tok.pad_token_id, "right")
         return {"text_ids": ids, "text_mask": mask}
 
@@ -257,6 +263,13 @@ class Blip2Processor:
         """Questions for question-aware queries (paper Sec. 4.3 VQA fine-tuning):
         question_ids (B, T), question_mask (B, T), tokenised as qformer_text."""
         out = self.qformer_text([self._clean_question(q) for q in _batch_list(questions, "questions")])
+        return {"question_ids": out["text_ids"], "question_mask": out["text_mask"]}
+
+    def qformer_instructions(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """LLM prompts given to the Q-Former too (InstructBLIP's instruction-aware queries):
+        question_ids (B, T), question_mask (B, T), tokenised as qformer_text (an empty prompt
+        is [CLS][SEP], as transformers' processor makes it)."""
+        out = self.qformer_text(prompts)
         return {"question_ids": out["text_ids"], "question_mask": out["text_mask"]}
 
     def decode_qformer(self, token_ids: Tensor | Sequence[Sequence[int]]) -> list[str]:

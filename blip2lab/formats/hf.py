@@ -1,4 +1,7 @@
-"""The official BLIP-2 checkpoints in Hugging Face layout (Salesforce/blip2-* repos), both ways.
+"""The official BLIP-2 checkpoints in Hugging Face layout (Salesforce/blip2-* repos), both ways,
+and InstructBLIP's (Salesforce/instructblip-* repos, `InstructBlipForConditionalGeneration`),
+read only: its instruction-aware Q-Former is blip2lab's `qformer_question` with
+`qformer_instruction` (the whole prompt enters the Q-Former), without stage-1 heads.
 
 `load_official` opens a folder (or a hub id where a hub is reachable) as transformers
 writes it: config.json with whatever fields it leaves at transformers' defaults (the
@@ -40,7 +43,7 @@ from ..processor import qformer_token_ids
 from .keys import Keys, WeightsError, keys_of, load_strict, qformer_layer_table, remap
 from .streaming import Shards, check_dtype, empty_llm, fill, finish, plan, tie_groups
 
-__all__ = ["KNOWN_CHECKPOINTS", "OfficialInfo", "HF_ABSENT", "hf_table", "config_from_hf", "vision_config_from_hf",
+__all__ = ["KNOWN_CHECKPOINTS", "INSTRUCTBLIP_CHECKPOINTS", "OfficialInfo", "HF_ABSENT", "hf_table", "config_from_hf", "vision_config_from_hf",
            "from_hf", "hf_vision_config", "resolve_checkpoint", "load_official", "load_official_tokenizers", "export_hf"]
 
 # ---------------------------------------------------------------------------------------
@@ -74,7 +77,23 @@ KNOWN_CHECKPOINTS: dict[str, dict] = {
                                             llm_kind=None, finetuned="COCO retrieval", vqa_prompt=None, dtype="any"),
 }
 
-_ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval")
+# InstructBLIP (Dai et al. 2023): BLIP-2 whose Q-Former also reads the instruction. HF's conversion
+# script builds them with a Q-Former of 30523 words ([DEC] added), a `qformer_tokenizer/` beside the
+# LLM's tokenizer, and 32 queries; Vicuna is a Llama LLM. Read, never written (export_hf refuses).
+INSTRUCTBLIP_CHECKPOINTS: dict[str, dict] = {
+    f"Salesforce/instructblip-{name}": dict(task="generation", architecture="InstructBlipForConditionalGeneration",
+                                            llm=llm, llm_kind=kind, finetuned=None,
+                                            vqa_prompt=_T5_VQA if kind == "encoder_decoder" else _OPT_VQA)
+    for name, llm, kind in (("vicuna-7b", "lmsys/vicuna-7b-v1.1", "decoder"),
+                            ("vicuna-13b", "lmsys/vicuna-13b-v1.1", "decoder"),
+                            ("flan-t5-xl", "google/flan-t5-xl", "encoder_decoder"),
+                            ("flan-t5-xxl", "google/flan-t5-xxl", "encoder_decoder"))
+}
+INSTRUCTBLIP = "InstructBlipForConditionalGeneration"
+# LAVIS's InstructBLIP tokenises the instruction for the Q-Former up to max_txt_len = 128 tokens.
+INSTRUCTION_MAX_LEN = 128
+
+_ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", INSTRUCTBLIP)
 _SIDECAR = "blip2lab_config.json"  # what HF's config.json cannot say (Q-Former token ids ...), written by export_hf
 # What a hub download fetches: config, weights (safetensors only: never a pickle) and tokenizer files.
 _HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json",
@@ -102,17 +121,21 @@ class OfficialInfo:
 # ---------------------------------------------------------------------------------------
 
 
-def hf_table(cfg: QFormerConfig, vision_keys: Iterable[str] = (), llm_keys: Iterable[str] = ()) -> dict[str, Keys]:
+def hf_table(cfg: QFormerConfig, vision_keys: Iterable[str] = (), llm_keys: Iterable[str] = (),
+             instructblip: bool = False) -> dict[str, Keys]:
     """Our `Blip2` keys <- HF BLIP-2 keys (`Blip2ForImageTextRetrieval` when the Q-Former has
-    its text side, `Blip2ForConditionalGeneration` otherwise). `vision_keys`: the keys of
-    the HF vision tower's state dict (our `image_encoder.vision_model.*`); `llm_keys`: those
-    of the language model (our `llm.model.*`)."""
+    its text side, `Blip2ForConditionalGeneration` otherwise), or InstructBLIP's
+    (`instructblip`: the Q-Former's word and position embeddings and the LayerNorm over
+    [queries ; text] live in `qformer.embeddings`; text FFNs, no stage-1 heads). `vision_keys`:
+    the keys of the HF vision tower's state dict (our `image_encoder.vision_model.*`);
+    `llm_keys`: those of the language model (our `llm.model.*`)."""
+    norm = "qformer.embeddings.layernorm" if instructblip else "qformer.layernorm"  # the same LayerNorm
     table: dict[str, Keys] = {
         "ln_vision.weight": "vision_model.post_layernorm.weight",  # HF's post_layernorm IS ln_vision
         "ln_vision.bias": "vision_model.post_layernorm.bias",
         "qformer.query_tokens": "query_tokens",
-        "qformer.layernorm.weight": "qformer.layernorm.weight",
-        "qformer.layernorm.bias": "qformer.layernorm.bias",
+        "qformer.layernorm.weight": f"{norm}.weight",
+        "qformer.layernorm.bias": f"{norm}.bias",
     }
     table |= {f"image_encoder.vision_model.{k}": f"vision_model.{k}" for k in vision_keys}
     for i in range(cfg.num_layers):
@@ -120,8 +143,10 @@ def hf_table(cfg: QFormerConfig, vision_keys: Iterable[str] = (), llm_keys: Iter
             if cfg.text_input or ".text_ffn." not in ours:
                 table[f"qformer.{ours}"] = theirs
     if cfg.text_input:
-        table["qformer.word_embeddings.weight"] = "embeddings.word_embeddings.weight"
-        table["qformer.position_embeddings.weight"] = "embeddings.position_embeddings.weight"
+        emb = "qformer.embeddings" if instructblip else "embeddings"
+        table["qformer.word_embeddings.weight"] = f"{emb}.word_embeddings.weight"
+        table["qformer.position_embeddings.weight"] = f"{emb}.position_embeddings.weight"
+    if cfg.text_input and cfg.stage1_heads:
         for ours, theirs in (("vision_proj", "vision_projection"), ("text_proj", "text_projection"),
                              ("itm_head", "itm_head")):
             for p in ("weight", "bias"):
@@ -277,16 +302,22 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 
 def _read_hf_config(folder: Path):
     from transformers import Blip2Config as HFBlip2Config
+    from transformers import InstructBlipConfig
 
     file = folder / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face BLIP-2 checkpoint folder")
-    raw = json.loads(file.read_text())
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{file} is not valid JSON: {err}") from err
     arch = (raw.get("architectures") or [None])[0]
-    if raw.get("model_type") != "blip-2" or arch not in _ARCHITECTURES:
+    model_type = "instructblip" if arch == INSTRUCTBLIP else "blip-2"
+    if raw.get("model_type") != model_type or arch not in _ARCHITECTURES:
         raise WeightsError(f"{file}: model_type {raw.get('model_type')!r}, architectures {raw.get('architectures')}; "
-                           f"supported: model_type 'blip-2' with one of {list(_ARCHITECTURES)}")
-    return HFBlip2Config.from_pretrained(str(folder)), arch
+                           f"supported: model_type 'blip-2' with one of {list(_ARCHITECTURES[:2])}, or "
+                           f"'instructblip' with {INSTRUCTBLIP}")
+    return (InstructBlipConfig if arch == INSTRUCTBLIP else HFBlip2Config).from_pretrained(str(folder)), arch
 
 
 def _sidecar_overrides(folder: Path) -> tuple[dict, dict]:
@@ -351,17 +382,28 @@ def _tokenizer_ids(qformer_tokenizer, vocab_size: int) -> dict:
     return ids if ids["pad_token_id"] is not None else {k: v for k, v in ids.items() if k != "pad_token_id"}
 
 
-def _empty_model(folder: Path, hf_config, retrieval: bool, source, dtype, qformer_overrides: dict,
+def _instructblip_overrides(hf_config) -> dict:
+    """The Q-Former of an InstructBLIP checkpoint: a text side (the instruction), no stage-1
+    heads, LAVIS's instruction length."""
+    limit = hf_config.qformer_config.max_position_embeddings
+    return dict(text_input=True, stage1_heads=False, max_text_len=min(INSTRUCTION_MAX_LEN, limit))
+
+
+def _empty_model(folder: Path, hf_config, arch: str, source, dtype, qformer_overrides: dict,
                  llm_dtype=None, qformer_tokenizer=None):
-    """Our `Blip2` for an HF BLIP-2 config, every parameter on the meta device (no storage)."""
+    """Our `Blip2` for an HF BLIP-2 or InstructBLIP config, every parameter on the meta device (no storage)."""
     from accelerate import init_empty_weights
     from transformers import Blip2VisionModel
 
+    retrieval, instructblip = arch == "Blip2ForImageTextRetrieval", arch == INSTRUCTBLIP
     if retrieval and not hf_config.qformer_config.use_qformer_text_input:
         raise WeightsError(f"{folder}: a retrieval checkpoint needs use_qformer_text_input=True in its config")
     saved_q, saved_vision = _sidecar_overrides(folder)
     shipped = _tokenizer_ids(qformer_tokenizer, hf_config.qformer_config.vocab_size)
-    config = config_from_hf(hf_config, **(shipped | saved_q | {"text_input": retrieval} | qformer_overrides))
+    layout = _instructblip_overrides(hf_config) if instructblip else {"text_input": retrieval}
+    config = config_from_hf(hf_config, **(shipped | saved_q | layout | qformer_overrides))
+    if instructblip:  # the instruction-aware queries (Blip2Config.qformer_instruction)
+        config = replace(config, qformer_question=True, qformer_instruction=True)
     config.vision = replace(config.vision, **(_preprocessor_overrides(folder, config.vision.image_size) | saved_vision))
     llm = None if retrieval else empty_llm(hf_config.text_config)
     kind = "none" if llm is None else llm_kind(llm)
@@ -371,9 +413,20 @@ def _empty_model(folder: Path, hf_config, retrieval: bool, source, dtype, qforme
                                                                  "llm_dtype")
         config.llm = LLMConfig(kind=kind, name_or_path=f"language_model of {source}", dtype=dtype_name(llm_dtype))
     with init_empty_weights(include_buffers=False):
-        encoder = HFBlip2ImageEncoder(Blip2VisionModel(hf_config.vision_config), layer_index=-1,
+        encoder = HFBlip2ImageEncoder(Blip2VisionModel(_blip2_vision_config(hf_config.vision_config)), layer_index=-1,
                                       mean=config.vision.mean, std=config.vision.std)
         return Blip2(config, image_encoder=encoder, language_model=llm), dtype
+
+
+def _blip2_vision_config(vision_config):
+    """A `Blip2VisionConfig` for `Blip2VisionModel`: InstructBLIP's vision tower is the same
+    EVA ViT-g code (transformers copies Blip2VisionModel), under another config class."""
+    from transformers import Blip2VisionConfig
+
+    if isinstance(vision_config, Blip2VisionConfig):
+        return vision_config
+    fields = {k: v for k, v in vision_config.to_dict().items() if k not in ("model_type", "transformers_version")}
+    return Blip2VisionConfig(**fields)
 
 
 def load_official(source: str | os.PathLike, *, device_map=None, dtype=None, llm_dtype=None,
@@ -382,9 +435,10 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype=None, llm
     folder with config.json + model.safetensors (or sharded model-0000x-of-0000y.safetensors
     with model.safetensors.index.json), or a hub id where the hub can be reached.
 
-    `Blip2ForConditionalGeneration` (OPT, FlanT5 or any transformers LLM; no stage-1 heads)
-    and `Blip2ForImageTextRetrieval` (stage-1 heads, no LLM) are told apart by config.json's
-    `architectures`. Strict: every tensor of the file is used and every model tensor set,
+    `Blip2ForConditionalGeneration` (OPT, FlanT5 or any transformers LLM; no stage-1 heads),
+    `Blip2ForImageTextRetrieval` (stage-1 heads, no LLM) and InstructBLIP's
+    `InstructBlipForConditionalGeneration` (Vicuna / FlanT5; a Q-Former text side for the
+    instruction, no stage-1 heads) are told apart by config.json's `architectures`. Strict: every tensor of the file is used and every model tensor set,
     except the parts HF retrieval checkpoints never carry (`temp`, the Q-Former LM head: see
     `weights.HF_ABSENT`), which get their initial values (temp = `temp_init`).
 
@@ -403,7 +457,7 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype=None, llm
     hf_config, arch = _read_hf_config(folder)
     shards = Shards(folder)  # headers checked here: a damaged file fails before any building
     retrieval = arch == "Blip2ForImageTextRetrieval"
-    model, dtype = _empty_model(folder, hf_config, retrieval, source, dtype, qformer_overrides, llm_dtype,
+    model, dtype = _empty_model(folder, hf_config, arch, source, dtype, qformer_overrides, llm_dtype,
                                 qformer_tokenizer)
     llm = None if retrieval else model.llm.model
     llm_dtype = None if llm is None else getattr(torch, model.config.llm.dtype)
@@ -411,7 +465,7 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype=None, llm
     main = _main_device(device_map) if llm is None else "cpu" if llm_map is None else \
         _llm_device(llm_map, _embedding_key(llm))
 
-    todo = _plan_hf(model, llm, shards, folder)
+    todo = _plan_hf(model, llm, shards, folder, instructblip=arch == INSTRUCTBLIP)
 
     def device_of(ours: str):
         if llm_map and ours.startswith("llm.model."):
@@ -432,21 +486,22 @@ def load_official(source: str | os.PathLike, *, device_map=None, dtype=None, llm
     return model.eval()
 
 
-def _plan_hf(model: nn.Module, llm: Optional[nn.Module], shards: Shards, folder: Path) -> dict:
+def _plan_hf(model: nn.Module, llm: Optional[nn.Module], shards: Shards, folder: Path,
+             instructblip: bool = False) -> dict:
     """The key plan of an HF folder (`streaming.plan` through `hf_table`): every tensor used,
     but those the LLM class itself declares unused (named in a warning)."""
     table = hf_table(model.config.qformer, model.image_encoder.vision_model.state_dict().keys(),
-                     llm.state_dict().keys() if llm is not None else ())
+                     llm.state_dict().keys() if llm is not None else (), instructblip=instructblip)
     groups = tie_groups(model)
     ignorable = [re.compile(p) for p in (getattr(llm, "_keys_to_ignore_on_load_unexpected", None) or [])]
 
     def ignore(k: str) -> bool:
-        return k == "embeddings.position_ids" or (k.startswith("language_model.") and any(
+        return k.endswith("embeddings.position_ids") or (k.startswith("language_model.") and any(
             p.search(k.removeprefix("language_model.")) for p in ignorable))
 
     todo = plan(table, shards.shapes, model.state_dict(), str(folder),
                 optional=set().union(*groups), tie_groups=groups, ignore=ignore)
-    skipped = sorted(k for k in shards.shapes if ignore(k) and k != "embeddings.position_ids")
+    skipped = sorted(k for k in shards.shapes if ignore(k) and not k.endswith("embeddings.position_ids"))
     if skipped:
         warnings.warn(f"{folder}: not loaded, as {type(llm).__name__} declares them unused: {skipped}", stacklevel=3)
     return todo
@@ -544,6 +599,9 @@ def export_hf(model, path: str | os.PathLike, *, image_token_index: Optional[int
     config: Blip2Config = model.config
     q = config.qformer
     has_llm = model.llm is not None
+    if config.qformer_instruction or not q.stage1_heads:
+        raise WeightsError("export_hf writes BLIP-2 layouts only; this model has InstructBLIP's instruction-aware "
+                           "Q-Former (qformer_instruction / no stage-1 heads): save it with Blip2Pipeline.save")
     if has_llm == q.text_input:
         raise WeightsError("the HF layout holds either a generation model (LLM, no Q-Former text side: "
                            "Blip2ForConditionalGeneration) or a retrieval model (Q-Former text side, no LLM: "

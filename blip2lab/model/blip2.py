@@ -74,7 +74,7 @@ class Blip2(nn.Module):
         self.image_pos = (nn.Parameter(torch.zeros(config.vision.num_tokens, config.vision.width))
                           if config.image_pos_embed else None)
         self.qformer = QFormer(q, config.vision.width)
-        if q.text_input:  # the stage-1 heads; stage-2 checkpoints carry none
+        if q.text_input and q.stage1_heads:  # the stage-1 heads; stage-2 and InstructBLIP checkpoints carry none
             self.vision_proj = nn.Linear(q.hidden_size, config.embed_dim)
             self.text_proj = nn.Linear(q.hidden_size, config.embed_dim)
             self.itm_head = nn.Linear(q.hidden_size, 2)
@@ -95,7 +95,7 @@ class Blip2(nn.Module):
 
     @property
     def has_stage1_heads(self) -> bool:
-        return self.config.qformer.text_input
+        return self.config.qformer.text_input and self.config.qformer.stage1_heads
 
     # -- the boxes of Figure 2 -----------------------------------------------------------
 
@@ -186,7 +186,8 @@ class Blip2(nn.Module):
                 itm_easy_negatives: float = 0.0) -> dict:
         """ITC, ITM and ITG (Sec. 3.2), those named in `losses`."""
         if not self.has_stage1_heads:
-            raise ValueError("stage-1 losses need the Q-Former's text side (qformer.text_input=True)")
+            raise ValueError("stage-1 losses need the Q-Former's text side and heads (qformer.text_input=True, "
+                             "qformer.stage1_heads=True)")
         self._check_text(text_ids, text_mask)
         with torch.no_grad():
             self.temp.clamp_(self.config.temp_min, self.config.temp_max)
@@ -301,9 +302,10 @@ class Blip2(nn.Module):
         Default decoding is LAVIS's: 3 beams, max length 30 and min length 10, which in
         LAVIS count the [DEC] token, hence 29 and 9 new tokens."""
         q = self.config.qformer
-        if not q.text_input:
+        if not (q.text_input and q.stage1_heads):
             raise ValueError("Q-Former captioning needs the Q-Former's text side and LM head, which this model lacks "
-                             "(qformer.text_input=False, a stage-2 checkpoint): caption with its LLM instead")
+                             f"(qformer.text_input={q.text_input}, qformer.stage1_heads={q.stage1_heads}: a stage-2 "
+                             "or InstructBLIP checkpoint): caption with its LLM instead")
         dec = q.token_id("dec", "Q-Former captioning (the ITG decoder)")
         sep = q.token_id("sep", "Q-Former captioning (the ITG decoder)")
         decoding = decoding or DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=29, min_new_tokens=9)

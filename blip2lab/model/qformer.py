@@ -232,7 +232,7 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(
             [QFormerLayer(cfg, vision_width, cfg.has_cross_attention(i)) for i in range(cfg.num_layers)]
         )
-        self.lm_head = LMHead(cfg, self.word_embeddings) if cfg.text_input else None
+        self.lm_head = LMHead(cfg, self.word_embeddings) if cfg.text_input and cfg.stage1_heads else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -251,7 +251,8 @@ class QFormer(nn.Module):
         if self.cfg.text_input:
             with torch.no_grad():
                 self.word_embeddings.weight[self.cfg.pad_token_id].zero_()
-            nn.init.zeros_(self.lm_head.bias)
+            if self.lm_head is not None:
+                nn.init.zeros_(self.lm_head.bias)
 
     def embed(self, text_ids: Optional[Tensor], batch_size: int, with_queries: bool, position_offset: int = 0) -> Tensor:
         """[queries ; word + position embeddings of text] -> LayerNorm -> dropout: (B, L, D_q)."""
