@@ -123,3 +123,12 @@ def test_a_long_instruction_keeps_its_end(pair):
     ours = pipe.processor.qformer_instructions([long])["question_ids"][0].tolist()
     assert ours == proc.qformer_tokenizer(long, truncation=True, max_length=128).input_ids
     assert len(ours) == 128 and ours[-3] != ours[1]
+
+
+def test_saved_as_a_blip2lab_folder_it_answers_the_same(pair, tmp_path):
+    pipe, _, _ = pair[REPOS[-1]]
+    image = _photo(6)
+    again = blip2lab.load(pipe.save(tmp_path / "saved"))
+    assert again.model.config.qformer_instruction and not again.model.has_stage1_heads
+    assert again.answer(image, "what is it?", num_beams=1, max_new_tokens=4) == \
+        pipe.answer(image, "what is it?", num_beams=1, max_new_tokens=4)
