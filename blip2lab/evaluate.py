@@ -41,6 +41,10 @@ __all__ = [
     "retrieval_scores",
     "recall_at_k",
     "retrieval_eval",
+    "itc_matrix",
+    "retrieval_candidates",
+    "itm_pair_logits",
+    "rerank",
     "object_f1",
     "attribute_f1",
 ]
@@ -319,35 +323,57 @@ def _retrieval_scores(model, images, text_ids, text_mask, k_test, batch_size, nu
                             for i in _chunks(n_img, batch_size, device)])  # (N_img, Q, E)
     text_proj = torch.cat([model.text_features(text_ids[i], text_mask[i]).proj
                            for i in _chunks(n_txt, batch_size, device)])  # (N_txt, E)
-    rows = max(1, 2**26 // (n_txt * image_proj.shape[1]))  # itc_cosine holds (rows, N_txt, Q): ~256 MB in fp32
-    itc = torch.cat([model.itc_cosine(image_proj[i], text_proj)
-                     for i in _chunks(n_img, rows, device)]).float()  # (N_img, N_txt)
+    itc = itc_matrix(model, image_proj, text_proj)  # (N_img, N_txt)
 
     # Stage 2: the top k of each query, both ways, re-ranked by the ITM head.
+    in_i2t, in_t2i = retrieval_candidates(itc, k_test)
+    pairs = (in_i2t | in_t2i.t()).nonzero()  # (M, 2) (image, text), image-major
+    logit = torch.full_like(itc, float("-inf"))  # (N_img, N_txt)
+    logit[pairs[:, 0], pairs[:, 1]] = itm_pair_logits(model, fetch, text_ids, text_mask, pairs, batch_size)
+    return rerank(itc, logit, in_i2t, in_t2i)
+
+
+def itc_matrix(model, image_proj: Tensor, text_proj: Tensor) -> Tensor:
+    """ITC cosine of every image with every text, max over queries: image_proj (N_img, Q, E),
+    text_proj (N_txt, E) -> (N_img, N_txt) fp32, computed in row blocks of ~256 MB."""
+    n_txt, Q = text_proj.shape[0], image_proj.shape[1]
+    rows = max(1, 2**26 // (n_txt * Q))  # itc_cosine holds (rows, N_txt, Q)
+    return torch.cat([model.itc_cosine(image_proj[i], text_proj)
+                      for i in _chunks(image_proj.shape[0], rows, image_proj.device)]).float()
+
+
+def retrieval_candidates(itc: Tensor, k_test: int) -> tuple[Tensor, Tensor]:
+    """Each query's top k_test by ITC: in_i2t (N_img, N_txt) and in_t2i (N_txt, N_img), bool."""
+    n_img, n_txt = itc.shape
     top_txt = itc.topk(min(k_test, n_txt), dim=1).indices  # (N_img, k)
     top_img = itc.t().topk(min(k_test, n_img), dim=1).indices  # (N_txt, k)
     in_i2t = torch.zeros_like(itc, dtype=torch.bool).scatter_(1, top_txt, True)  # (N_img, N_txt)
     in_t2i = torch.zeros_like(itc.t(), dtype=torch.bool).scatter_(1, top_img, True)  # (N_txt, N_img)
-    logit = _itm_logits(model, fetch, text_ids, text_mask, in_i2t | in_t2i.t(), batch_size)  # (N_img, N_txt)
-    neg_inf = torch.tensor(float("-inf"), device=device)
-    return {
-        "itc_i2t": itc.cpu(),
-        "itc_t2i": itc.t().contiguous().cpu(),
-        "itm_i2t": torch.where(in_i2t, logit + itc, neg_inf).cpu(),
-        "itm_t2i": torch.where(in_t2i, (logit + itc).t(), neg_inf).cpu(),
-    }
+    return in_i2t, in_t2i
 
 
-def _itm_logits(model, fetch, text_ids: Tensor, text_mask: Tensor, needed: Tensor, batch_size: int) -> Tensor:
-    """ITM positive logits of the `needed` (N_img, N_txt) pairs, batch_size pairs a pass; -inf elsewhere."""
-    out = torch.full(needed.shape, float("-inf"), device=needed.device)  # (N_img, N_txt)
-    pairs = needed.nonzero()  # (M, 2) (image, text), image-major
+def itm_pair_logits(model, fetch, text_ids: Tensor, text_mask: Tensor, pairs: Tensor, batch_size: int) -> Tensor:
+    """ITM positive logits (M,) of (image, text) `pairs` (M, 2), batch_size pairs a pass;
+    `fetch(idx)` returns the images' ln_vision outputs (len(idx), N, D_v)."""
+    out = []
     for s in range(0, pairs.shape[0], batch_size):
         img, txt = pairs[s: s + batch_size].unbind(1)  # (b,), (b,)
         uniq, inverse = img.unique(return_inverse=True)  # fetch each image once
         image = fetch(uniq)[inverse]  # (b, N, D_v)
-        out[img, txt] = model.itm_logits(image, text_ids[txt], text_mask[txt])[:, 1].float()  # (b,)
-    return out
+        out.append(model.itm_logits(image, text_ids[txt], text_mask[txt])[:, 1].float())  # (b,)
+    return torch.cat(out) if out else torch.zeros(0, device=pairs.device)
+
+
+def rerank(itc: Tensor, itm_logit: Tensor, in_i2t: Tensor, in_t2i: Tensor) -> dict[str, Tensor]:
+    """The score matrices of the protocol (CPU): ITC alone, and inside each query's top k the
+    ITM logit + ITC cosine (LAVIS's final score), -inf outside. itm_logit: (N_img, N_txt)."""
+    neg_inf = torch.tensor(float("-inf"), device=itc.device)
+    return {
+        "itc_i2t": itc.cpu(),
+        "itc_t2i": itc.t().contiguous().cpu(),
+        "itm_i2t": torch.where(in_i2t, itm_logit + itc, neg_inf).cpu(),
+        "itm_t2i": torch.where(in_t2i, (itm_logit + itc).t(), neg_inf).cpu(),
+    }
 
 
 def _best_rank(scores: Tensor, positive: Tensor) -> Tensor:
