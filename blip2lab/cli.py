@@ -10,6 +10,10 @@
     blip2lab minireal build [--preset default|tiny] [--out runs/minireal] [--seed 0]
     blip2lab minireal train stage1|stage2 [--stage1 DIR] [--resume] [--preset ...]
     blip2lab minireal eval [--model DIR] [--preset ...]
+    blip2lab eval caption --annotations FILE --images DIR --out DIR [--model ...]   (docs/evaluation.md)
+    blip2lab eval vqa --questions FILE [--annotations FILE] --images DIR --out DIR
+    blip2lab eval retrieval --annotations FILE --images DIR --out DIR [--k-test 128]
+    blip2lab eval zeroshot [--annotations FILE] --images DIR --out DIR [--template "a photo of a {}."]
 
 --model defaults to $BLIP2LAB_MODEL, else the shipped shapes model. Decoding options take
 transformers' generate names: --num-beams (--beams), --max-new-tokens, --min-new-tokens,
@@ -53,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     _shapes_parser(sub)
     _minireal_parser(sub)
+    _eval_parser(sub)
     return parser
 
 
@@ -217,8 +222,85 @@ def _decoding(args: argparse.Namespace) -> dict:
     return out
 
 
+def _eval_parser(sub) -> None:
+    """`blip2lab eval TASK`: blip2lab.evaluation on standard files (docs/evaluation.md)."""
+    ev = sub.add_parser("eval", help="evaluate any model on standard files with the paper's prompts and decoding")
+    tasks = ev.add_subparsers(dest="eval_task", required=True)
+
+    def common(p: argparse.ArgumentParser, batch_size: int) -> None:
+        p.add_argument("--model", default=os.environ.get("BLIP2LAB_MODEL", DEFAULT_MODEL),
+                       help="shipped model name, blip2lab folder, or official checkpoint folder / hub id")
+        p.add_argument("--retrieval", help="a checkpoint with ITC/ITM heads, when --model has none")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--llm-dtype", default=None, help="the frozen LLM's dtype (e.g. bfloat16; 'auto')")
+        p.add_argument("--images", required=True, help="the folder the annotation file's image paths start from")
+        p.add_argument("--out", required=True, help="run folder: predictions, metrics, resumable state")
+        p.add_argument("--batch-size", type=int, default=batch_size)
+        p.add_argument("--limit", type=int, help="only the first N items (a quick check)")
+        p.add_argument("--skip-bad-images", action="store_true",
+                       help="leave out missing or undecodable images (counted in metrics.json) instead of stopping")
+        p.add_argument("--restart", action="store_true", help="discard the results already in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = tasks.add_parser("caption", help="COCO Karpathy test, NoCaps: BLEU-4, METEOR, ROUGE-L, CIDEr")
+    p.add_argument("--annotations", required=True, help="COCO caption format, LAVIS list or Karpathy json")
+    p.add_argument("--split", default="test", help="the split of a Karpathy file")
+    p.add_argument("--prompt", help="captioning prompt (default: the model's, 'a photo of')")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its JVM takes seconds to start)")
+    common(p, 16), decoding_flags(p)
+    p = tasks.add_parser("vqa", help="VQAv2, OK-VQA, GQA: the official accuracy")
+    p.add_argument("--questions", required=True)
+    p.add_argument("--annotations", help="VQAv2 / OK-VQA annotations (GQA's questions carry their answers)")
+    p.add_argument("--image-pattern", help="image file under --images (default COCO_{subset}_{image_id:012d}.jpg; "
+                                           "GQA {image_id}.jpg)")
+    p.add_argument("--subset", help="{subset} of the pattern (default: the questions file's data_subtype)")
+    common(p, 16), decoding_flags(p)
+    p = tasks.add_parser("retrieval", help="Flickr30k / COCO: ITC top-k then ITM re-rank, R@1/5/10 both ways")
+    p.add_argument("--annotations", required=True, help="COCO caption format, LAVIS list or Karpathy json")
+    p.add_argument("--split", default="test")
+    p.add_argument("--k-test", type=int, default=128, help="candidates per query re-ranked by ITM (LAVIS: 128)")
+    common(p, 64)
+    p = tasks.add_parser("zeroshot", help="zero-shot classification by ITC over class prompts")
+    p.add_argument("--annotations", help='{"classes": [...], "images": [{"image", "label"}]}; default: class folders')
+    p.add_argument("--template", action="append", help="class prompt with {} (repeatable; default 'a photo of a {}.')")
+    common(p, 32)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from blip2lab import evaluation
+    from blip2lab.pipeline import load
+
+    run = dict(batch_size=args.batch_size, limit=args.limit, skip_bad_images=args.skip_bad_images,
+               restart=args.restart, progress=not args.quiet)
+    try:
+        pipe = load(args.model, retrieval=args.retrieval, device=args.device, llm_dtype=args.llm_dtype)
+        if args.eval_task == "caption":
+            metrics = evaluation.evaluate_captions(pipe, args.annotations, args.images, args.out, split=args.split,
+                                                   prompt=args.prompt, meteor=not args.no_meteor, **run,
+                                                   **_decoding(args))
+        elif args.eval_task == "vqa":
+            metrics = evaluation.evaluate_vqa(pipe, args.questions, args.annotations, args.images, args.out,
+                                              image_pattern=args.image_pattern, subset=args.subset, **run,
+                                              **_decoding(args))
+        elif args.eval_task == "retrieval":
+            metrics = evaluation.evaluate_retrieval(pipe, args.annotations, args.images, args.out, split=args.split,
+                                                    k_test=args.k_test, **run)
+        else:
+            templates = tuple(args.template) if args.template else evaluation.zeroshot.DEFAULT_TEMPLATES
+            metrics = evaluation.evaluate_zeroshot(pipe, args.annotations, args.images, args.out,
+                                                   templates=templates, **run)
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as err:
+        print(f"blip2lab eval: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in metrics.items() if k != "skipped_items"}, indent=2))
+    print(f"written: {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'predictions.json'}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "shapes":
         _shapes(args)
         return 0

@@ -133,8 +133,11 @@ class Blip2Pipeline:
     # -- images -> model space -------------------------------------------------------------
 
     def _image(self, images: Any, model: Optional[Blip2] = None) -> Tensor:
-        """Anything `load_image` takes (or a list of them) -> ln_vision output (B, N, D_v)."""
+        """Anything `load_image` takes (or a list of them), or pixels (B, 3, S, S) already made by
+        `processor.images` (the evaluation runner prepares them ahead) -> ln_vision output (B, N, D_v)."""
         model = model or self.model
+        if isinstance(images, Tensor) and images.ndim == 4:  # load_image takes no tensor: never ambiguous
+            return model.encode_image(images.to(self.device))
         batch = images if isinstance(images, (list, tuple)) else [images]
         pixels = self.processor.images(batch).to(self.device)
         return model.encode_image(pixels)
