@@ -148,7 +148,8 @@ class Blip2Pipeline:
     def caption(self, images: Any, prompt: Optional[str] = None, **decoding: Any) -> list[str]:
         """One caption per image. With an LLM: prompted by `prompt` (default: the model's
         captioning prompt, "a photo of"), beams 5, up to 30 new tokens. Without one: the
-        Q-Former's own ITG decoder (LAVIS defaults, beams 3)."""
+        Q-Former's own ITG decoder (LAVIS defaults, beams 3). `decoding`: transformers'
+        generate keywords (HF_GENERATE_KEYWORDS) or DecodingConfig's (`decoding_config`)."""
         image = self._image(images)
         if self.model.llm is None:
             untrained = getattr(getattr(self.model, "official", None), "untrained", ())
@@ -168,7 +169,8 @@ class Blip2Pipeline:
                history: Optional[Sequence[Sequence[tuple[str, str]]]] = None, **decoding: Any) -> list[str]:
         """Answers, one per (image, question). `history`: per image, earlier (question,
         answer) turns of a chat, concatenated as the reference does. A single image or
-        question is broadcast over the other."""
+        question is broadcast over the other. Decoding: beams 5, up to 10 new tokens, length
+        penalty -1, overridden as in `caption`."""
         if self.model.llm is None:
             raise ValueError(f"{self.name or 'this model'} has no language model: it can caption and match, "
                              "not answer questions")

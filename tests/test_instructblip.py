@@ -6,8 +6,7 @@ One decoder-only LLM (Vicuna = Llama) and one encoder-decoder (FlanT5)."""
 
 import pytest
 import torch
-from instructblip import REPOS
-from instructblip import tiny_instructblip
+from instructblip import REPOS, family, tiny_instructblip
 from PIL import Image
 
 import blip2lab
@@ -57,7 +56,7 @@ def _hf_generate(pipe, hf, proc, images, prompts, **kw) -> list[str]:
 
 def test_fixtures_are_known_checkpoints():
     assert {f"Salesforce/{r}" for r in REPOS} <= set(INSTRUCTBLIP_CHECKPOINTS)
-    assert {"llama", "t5"} == {__import__("instructblip").family(r) for r in REPOS}
+    assert {"llama", "t5"} == {family(r) for r in REPOS}
 
 
 @pytest.mark.parametrize("repo", REPOS)
