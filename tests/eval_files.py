@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from blip2lab.evaluate import normalize_answer
 from blip2lab.worlds.shapes import world
 
 # VQAv2 answer types of the shapes question types
@@ -74,9 +75,11 @@ def _qa(n: int, seed: int) -> list[tuple[int, str, str, str]]:
 
 def write_vqav2(questions: Path, annotations: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     """VQAv2's pair of files (data_subtype val2014); each answer given by 10 humans, 7 of them
-    agreeing and 3 giving "no idea"."""
+    agreeing and 3 giving "no idea". Answers are stored normalised, as VQAv2's are ("two" is
+    "2"): the official evaluation normalises only the predictions' number words."""
     qs, anns = [], []
     for qid, (image_id, q, a, t) in enumerate(_qa(n, seed)):
+        a = normalize_answer(a)
         qs.append({"image_id": image_id, "question": q, "question_id": qid})
         answers = [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j in range(7)]
         answers += [{"answer": "no idea", "answer_confidence": "no", "answer_id": j + 8} for j in range(3)]
