@@ -248,6 +248,10 @@ class LLMConfig:
     # paper's "Question: {q} Answer:": for instruction-tuned LLMs (SmolLM2-Instruct), which
     # answer as the assistant they were tuned to be. Captioning keeps the plain prompt.
     chat_template: bool = False
+    # Decoder-only LLMs: the text ends at "\n" (BLIP-2's OPT rows end with it, LAVIS blip2_opt:
+    # generation stops there and the text is cut there), or, False, at the tokenizer's EOS only
+    # (InstructBLIP's Vicuna: LAVIS blip2_vicuna_instruct ends its targets with </s>).
+    stop_at_newline: bool = True
 
     def __post_init__(self) -> None:
         _check(self.kind in ("none", "decoder", "encoder_decoder"),

@@ -115,13 +115,14 @@ class Blip2Processor:
     caption_prompt: the captioning prompt (paper: "a photo of").
     chat_template: questions through the LLM tokenizer's chat template (instruction-tuned
         decoder-only LLMs), not "Question: {q} Answer:".
+    stop_at_newline: decoder-only text ends at "\n" (BLIP-2) or, False, at EOS only (InstructBLIP's Vicuna).
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], qformer_tokenizer=None,
                  llm_tokenizer=None, llm_kind: Literal["none", "decoder", "encoder_decoder"] = "none",
                  qformer_max_len: int = 32, llm_max_len: int = 32, max_question_chars: int = 1000,
                  max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, caption_prompt: str = "a photo of",
-                 chat_template: bool = False):
+                 chat_template: bool = False, stop_at_newline: bool = True):
         if image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {image_size}")
         if len(mean) != 3 or len(std) != 3:
@@ -154,6 +155,7 @@ class Blip2Processor:
         self.max_pixels = max_pixels
         self.caption_prompt = caption_prompt
         self.chat_template = bool(chat_template)
+        self.stop_at_newline = bool(stop_at_newline)
         if self.chat_template and (llm_kind != "decoder" or not getattr(llm_tokenizer, "chat_template", None)):
             raise ValueError("chat_template needs a decoder-only LLM whose tokenizer has a chat template")
         if qformer_tokenizer is not None:
@@ -172,7 +174,8 @@ class Blip2Processor:
         with config.qformer, the mismatch that otherwise trains on the wrong tokens."""
         proc = cls(config.vision.image_size, config.vision.mean, config.vision.std, qformer_tokenizer,
                    llm_tokenizer, config.llm.kind, qformer_max_len=config.qformer.max_text_len,
-                   caption_prompt=config.llm.prompt, chat_template=config.llm.chat_template, **kwargs)
+                   caption_prompt=config.llm.prompt, chat_template=config.llm.chat_template,
+                   stop_at_newline=config.llm.stop_at_newline, **kwargs)
         if check and qformer_tokenizer is not None and config.qformer.text_input:  # else no vocabulary to check
             proc.check_qformer_config(config.qformer)
         return proc
@@ -328,11 +331,16 @@ class Blip2Processor:
         return 0
 
     @property
+    def _newline_ends_text(self) -> bool:
+        return self.llm_kind == "decoder" and self.stop_at_newline
+
+    @property
     def llm_eos_token_id(self) -> int:
         """Where generated text ends: the id of "\\n" for decoder-only LLMs (what they are
-        trained to emit after the text, LAVIS blip2_opt), EOS for encoder-decoders."""
+        trained to emit after the text, LAVIS blip2_opt), EOS for encoder-decoders and for a
+        decoder-only LLM with stop_at_newline off (InstructBLIP's Vicuna)."""
         tok = self._need_llm()
-        return self._newline_id if self.llm_kind == "decoder" else tok.eos_token_id
+        return self._newline_id if self._newline_ends_text else tok.eos_token_id
 
     @property
     def llm_stop_token_ids(self) -> list[int]:
@@ -350,7 +358,8 @@ class Blip2Processor:
     def decoder_batch(self, prompts: Sequence[str], texts: Sequence[str]) -> dict[str, Tensor]:
         """Decoder-only LLM training rows (paper Sec. 3.3, LAVIS blip2_opt):
 
-            llm_ids    [BOS][prompt][text]["\\n"][PAD]...   (B, T), right padded
+            llm_ids    [BOS][prompt][text]["\\n"][PAD]...   (B, T), right padded ([EOS] for "\\n"
+                                                        with stop_at_newline off)
             llm_mask   1 on real tokens                      (B, T)
             llm_labels llm_ids, -100 on BOS, prompt, padding (B, T)
 
@@ -366,7 +375,10 @@ class Blip2Processor:
         prompts = [p.strip() for p in prompts]
         bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
         heads = [bos + p for p in self._encode(prompts)]
-        tails = self._encode([self._join(p, t.strip()) + "\n" for p, t in zip(prompts, texts)])
+        end = "\n" if self.stop_at_newline else ""
+        tails = self._encode([self._join(p, t.strip()) + end for p, t in zip(prompts, texts)])
+        if not self.stop_at_newline:  # the text ends with EOS instead (LAVIS blip2_vicuna_instruct)
+            tails = [t + [tok.eos_token_id] for t in tails]
         rows, n_masked = [], []
         for i, (head, tail) in enumerate(zip(heads, tails)):
             room = self.llm_max_len - len(head)
@@ -504,10 +516,10 @@ class Blip2Processor:
         if rows and isinstance(rows[0], int):
             rows = [rows]  # one 1-D sequence
         rows = [r[prompt_width:] for r in rows]
-        if self.llm_kind == "decoder":
+        if self._newline_ends_text:
             rows = [r[: r.index(self._newline_id)] if self._newline_id in r else r for r in rows]
         texts = tok.batch_decode(rows, skip_special_tokens=True)
-        if self.llm_kind == "decoder":
+        if self._newline_ends_text:
             texts = [t.split("\n", 1)[0] for t in texts]  # a merged token ("\n\n", ".\n") may hide one
         return [t.strip() for t in texts]
 

@@ -41,17 +41,18 @@ def _photo(seed: int, size=(300, 200)) -> Image.Image:
 
 
 def _hf_generate(pipe, hf, proc, images, prompts, **kw) -> list[str]:
-    """transformers' answers. A batch for a decoder-only LLM is left-padded; the Q-Former text
-    stays right-padded: transformers' processor would left-pad it too (the LLM tokenizer's
-    padding side reaches both tokenizers in 5.25), which moves its text positions."""
+    """transformers' answers, stopped at the LLM tokenizer's EOS and decoded as LAVIS's InstructBLIP
+    does (special tokens skipped, stripped). A batch for a decoder-only LLM is left-padded; the
+    Q-Former text stays right-padded: transformers' processor would left-pad it too (the LLM
+    tokenizer's padding side reaches both tokenizers in 5.25), which moves its text positions."""
     side = "left" if pipe.model.llm.kind == "decoder" else "right"
     inputs = proc(images=images, text=prompts, padding=True, padding_side=side, return_tensors="pt")
     qformer = proc.qformer_tokenizer(prompts, padding=True, padding_side="right", return_tensors="pt")
     inputs["qformer_input_ids"], inputs["qformer_attention_mask"] = qformer["input_ids"], qformer["attention_mask"]
-    out = hf.generate(**inputs, eos_token_id=pipe.processor.llm_stop_token_ids,
-                      pad_token_id=pipe.processor.llm_pad_token_id, **kw)
+    out = hf.generate(**inputs, eos_token_id=proc.tokenizer.eos_token_id, pad_token_id=proc.tokenizer.pad_token_id,
+                      **kw)
     new = out[:, inputs["input_ids"].shape[1]:] if pipe.model.llm.kind == "decoder" else out[:, 1:]  # T5: start
-    return pipe.processor.decode_llm(new)
+    return [t.strip() for t in proc.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def test_fixtures_are_known_checkpoints():
@@ -68,6 +69,7 @@ def test_loads_with_the_instruction_aware_qformer(repo, pair):
     assert not pipe.model.has_stage1_heads and pipe.model.qformer.lm_head is None
     assert pipe.processor.qformer_max_len == 128 and pipe.processor.qformer_tokenizer.truncation_side == "left"
     assert pipe.model.official.architecture == "InstructBlipForConditionalGeneration"
+    assert pipe.processor.llm_stop_token_ids == [pipe.processor.llm_tokenizer.eos_token_id]  # never "\n"
     with pytest.raises(ValueError, match="no ITC/ITM heads"):
         pipe.match(_photo(0), "a cat")
 
@@ -131,3 +133,15 @@ def test_saved_as_a_blip2lab_folder_it_answers_the_same(pair, tmp_path):
     assert again.model.config.qformer_instruction and not again.model.has_stage1_heads
     assert again.answer(image, "what is it?", num_beams=1, max_new_tokens=4) == \
         pipe.answer(image, "what is it?", num_beams=1, max_new_tokens=4)
+
+
+def test_vicuna_text_ends_at_eos_not_at_a_newline(pair):
+    """LAVIS's InstructBLIP Vicuna trains on text + </s> and decodes past newlines; BLIP-2's OPT
+    rows end with "\\n" instead (processor.stop_at_newline)."""
+    pipe, _, proc = pair["instructblip-vicuna-7b"]
+    tok, p = proc.tokenizer, pipe.processor
+    ids = tok("a red\ncircle", add_special_tokens=False).input_ids
+    assert p.decode_llm([ids + [tok.eos_token_id]]) == [tok.decode(ids).strip()] and "\n" in p.decode_llm([ids])[0]
+    row = p.decoder_batch(["Question: what? Answer:"], ["a red circle"])
+    last = int(row["llm_mask"][0].sum()) - 1
+    assert row["llm_ids"][0, last] == tok.eos_token_id and row["llm_labels"][0, last] == tok.eos_token_id

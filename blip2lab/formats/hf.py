@@ -411,7 +411,9 @@ def _empty_model(folder: Path, hf_config, arch: str, source, dtype, qformer_over
     if llm is not None:
         llm_dtype = dtype if llm_dtype is None else check_dtype(llm_dtype, kind, _stored_dtype(hf_config.text_config),
                                                                  "llm_dtype")
-        config.llm = LLMConfig(kind=kind, name_or_path=f"language_model of {source}", dtype=dtype_name(llm_dtype))
+        # InstructBLIP's Vicuna ends its text with </s>, never "\n" (LAVIS blip2_vicuna_instruct)
+        config.llm = LLMConfig(kind=kind, name_or_path=f"language_model of {source}", dtype=dtype_name(llm_dtype),
+                               stop_at_newline=not instructblip)
     with init_empty_weights(include_buffers=False):
         encoder = HFBlip2ImageEncoder(Blip2VisionModel(_blip2_vision_config(hf_config.vision_config)), layer_index=-1,
                                       mean=config.vision.mean, std=config.vision.std)
