@@ -61,6 +61,19 @@ def decoding_config(defaults: dict, **overrides: Any) -> DecodingConfig:
     return DecodingConfig(**args)
 
 
+def lavis_decoding(use_nucleus_sampling: bool, num_beams: int, max_new_tokens: int, min_length: int = 0,
+                   temperature: float = 1.0, top_p: float = 0.9, length_penalty: float = 1.0,
+                   repetition_penalty: float = 1.0, seed: Optional[int] = None) -> dict[str, Any]:
+    """LAVIS's generate() arguments (its demo's controls) -> `decoding_config` overrides. Each
+    strategy keeps only what it reads (beams and length penalty: beam search; temperature,
+    top-p and seed: sampling), and min_length, in new tokens, is capped at max_new_tokens."""
+    common = dict(max_new_tokens=max_new_tokens, min_new_tokens=min(min_length, max_new_tokens),
+                  repetition_penalty=repetition_penalty)
+    if use_nucleus_sampling:
+        return common | dict(use_nucleus_sampling=True, top_p=top_p, temperature=temperature, seed=seed)
+    return common | dict(num_beams=num_beams, length_penalty=length_penalty)
+
+
 class Blip2Pipeline:
     """A model + its processor. `retrieval`: an optional second model with ITC/ITM heads for
     `match` / `embed_*` when `model` (a stage-2 checkpoint) has none; it shares the frozen
