@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_pipeline import _pipeline
 
 from blip2lab.chat import Chat, context_budget, fit_to_context, reply
-from test_pipeline import _pipeline
 
 torch.set_num_threads(1)
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))

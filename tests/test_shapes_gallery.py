@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from app_fixture import build_tiny_shapes_pipeline
 
 import blip2lab
-from app_fixture import build_tiny_shapes_pipeline
 from blip2lab.worlds.shapes import world
 from blip2lab.worlds.shapes.gallery import ShapesGallery, build_gallery
 
