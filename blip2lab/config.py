@@ -243,6 +243,12 @@ class LLMConfig:
     # paper's "Question: {q} Answer:": for instruction-tuned LLMs (SmolLM2-Instruct), which
     # answer as the assistant they were tuned to be. Captioning keeps the plain prompt.
     chat_template: bool = False
+    # A deviation, "none" in the paper (the projection's output goes to the LLM as it is):
+    # "embedding" rescales each visual prompt vector to the mean norm of the LLM's word
+    # embeddings (a fixed scale; the direction stays the projection's). In the shapes world the
+    # caption-trained prompt grows to ~12x a word's norm, and the small pre-LN OPT then stops
+    # reading it when it answers a question (docs/ablations.md, zero-shot VQA).
+    visual_prompt_norm: Literal["none", "embedding"] = "none"
 
     def __post_init__(self) -> None:
         _check(self.kind in ("none", "decoder", "encoder_decoder"),

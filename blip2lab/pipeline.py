@@ -155,16 +155,18 @@ class Blip2Pipeline:
         question_batch = None
         if self.model.config.qformer_question:
             question_batch = self.processor.qformer_questions(questions)
-        return self._generate(image, prompts, decoding_config(VQA_DECODING, **decoding), question_batch)
+        return self._generate(image, prompts, decoding_config(VQA_DECODING, **decoding), question_batch, answer=True)
 
     def _generate(self, image: Tensor, prompts: list[str], decoding: DecodingConfig,
-                  question_batch: Optional[dict] = None) -> list[str]:
-        batch = {k: v.to(self.device) for k, v in self.processor.generation_batch(prompts).items()}
+                  question_batch: Optional[dict] = None, answer: bool = False) -> list[str]:
+        """`answer`: the text ends where an answer ends (Blip2Processor.answer_stop_token_ids)."""
+        proc = self.processor
+        batch = {k: v.to(self.device) for k, v in proc.generation_batch(prompts).items()}
         q = {} if question_batch is None else {k: v.to(self.device) for k, v in question_batch.items()}
         tokens = self.model.generate_text(image, batch["llm_ids"], batch["llm_mask"], decoding,
-                                          eos_token_id=self.processor.llm_stop_token_ids,
-                                          pad_token_id=self.processor.llm_pad_token_id, **q)
-        return self.processor.decode_llm(tokens)
+                                          eos_token_id=proc.answer_stop_token_ids if answer else proc.llm_stop_token_ids,
+                                          pad_token_id=proc.llm_pad_token_id, **q)
+        return proc.decode_answers(tokens) if answer else proc.decode_llm(tokens)
 
     # -- matching and embeddings ---------------------------------------------------------
 

@@ -331,6 +331,27 @@ class Blip2Processor:
             ids.append(eos)
         return ids
 
+    @property
+    def answer_stop_token_ids(self) -> list[int]:
+        """Where a generated answer ends: `llm_stop_token_ids` and, for a decoder-only LLM
+        prompted the paper's way, the token of "." - the paper's multi-turn format ends every
+        answer with one ("Question: {q} Answer: {a}."), so an LLM that learned that format goes
+        on with the next "Question:" after it (`decode_answers` cuts there too)."""
+        ids = list(self.llm_stop_token_ids)
+        if self.llm_kind == "decoder" and not self.chat_template:
+            dot = self._encode(["."])[0]
+            if len(dot) == 1 and dot[0] not in ids:
+                ids.append(dot[0])
+        return ids
+
+    def decode_answers(self, token_ids: Tensor | Sequence[Sequence[int]]) -> list[str]:
+        """`decode_llm`, then (decoder-only, the paper's prompt) each answer cut at its first
+        "." that ends a sentence (not the point of a number such as 2.5)."""
+        texts = self.decode_llm(token_ids)
+        if self.llm_kind != "decoder" or self.chat_template:
+            return texts
+        return [re.split(r"\.(?!\d)", t, maxsplit=1)[0].strip() for t in texts]
+
     def _join(self, prompt: str, text: str) -> str:
         return (self._joiner if prompt and text else "") + text
 
