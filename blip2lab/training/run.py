@@ -44,7 +44,7 @@ from .loop import STATE_NAME, BatchStream, resolve_precision, train
 from .streams import Prefetched, ShardStream
 
 __all__ = ["ModelConfig", "TrainRunConfig", "PRESETS", "resolve", "run", "load_model", "stage_losses",
-           "make_collate", "TRAINABLE_NAME"]
+           "make_collate", "TRAINABLE_NAME", "load_run_model"]
 
 Stage = Literal["stage1", "stage2", "finetune"]
 TRAINABLE_NAME = "trainable.safetensors"  # a checkpoint holds what trains; the rest comes from the source
@@ -325,6 +325,13 @@ def _save_result(cfg: TrainRunConfig, model: Blip2, proc: Blip2Processor, out: P
         merge_lora(model)
     model.requires_grad_(False)
     Blip2Pipeline(model.eval(), proc).save(out)
+
+
+def load_run_model(folder: str | Path):
+    """A trained folder as a pipeline (what `blip2lab.load(folder)` gives)."""
+    from ..pipeline import load
+
+    return load(str(folder))
 
 
 def _dequantized(cfg: TrainRunConfig, trained: Blip2) -> Blip2:
