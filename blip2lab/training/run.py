@@ -271,6 +271,7 @@ def run(cfg: TrainRunConfig, resume: bool = False, log: Callable[[str], None] = 
         raise ConfigError("out is empty: pass --out DIR")
     out, state = Path(cfg.out), PartialState()
     _check_resume(out, resume)
+    torch.manual_seed(cfg.train.seed)  # fresh parts (queries, projections, adapters) drawn alike on every rank
     model, proc = load_model(cfg)
     losses = stage_losses(cfg, model.llm is not None)
     dataset = open_data(cfg.data, rank=state.process_index, world_size=state.num_processes, seed=cfg.train.seed)
