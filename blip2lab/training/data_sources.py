@@ -22,7 +22,8 @@ Bad input (the issue's contract): a caption file whose rows lack the named colum
 error naming the column and row; an empty caption and a missing image file are counted
 skips, dropped before training (checked at construction: `os.path.isfile` per image); an
 unreadable (corrupt) image is a counted skip replaced by the next good item when read
-(`datasets._MapStyle`); a shard cut short is a counted skip of the rest of that shard.
+(`datasets._MapStyle`); a shard cut short (its end is not a tar's end) is a counted skip
+of that shard ("cut_short"), one that cannot be read a counted skip of its rest.
 `report()` says what was skipped; the train command prints it at the start and the end.
 """
 
@@ -355,6 +356,16 @@ class Shards(WebDatasetCaptions):
     """WebDataset shards with the items the collate functions expect (index, epoch, an
     integer image_id from the sample key)."""
 
+    def _shards(self):
+        """This rank's shards, less those cut short (counted "cut_short"): a tar ends in two
+        zero blocks within its last 512-byte records, and a stream reader would otherwise end
+        quietly inside the last sample (a caption cut in half, an image lost unsaid)."""
+        for shard in super()._shards():
+            if _cut_short(shard["url"]):
+                self._skip("cut_short", shard["url"], "the tar does not end where tar files end")
+            else:
+                yield shard
+
     def _decode(self, sample: dict) -> Optional[dict]:
         item = super()._decode(sample)
         if item is None:
@@ -364,6 +375,17 @@ class Shards(WebDatasetCaptions):
             return None
         key = zlib.crc32(str(item["image_id"]).encode())
         return item | {"image_id": key, "index": key, "epoch": self.epoch}
+
+
+def _cut_short(url: str) -> bool:
+    if "://" in url or url.startswith("pipe:"):
+        return False  # a remote stream is checked by tarfile as it reads
+    size = os.path.getsize(url)
+    if size < 1024 or size % 512:
+        return True
+    with open(url, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) != bytes(1024)
 
 
 def _shard_urls(path: str) -> str | list[str]:
