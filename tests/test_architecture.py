@@ -19,7 +19,7 @@ LAYERS = [
     {"blip2lab.pipeline", "blip2lab.training", "blip2lab.evaluate"},
     {"blip2lab.search"},
     {"blip2lab.worlds"},
-    {"blip2lab.cli", "blip2lab"},  # the package's own __init__ hands out blip2lab.load
+    {"blip2lab.cli", "blip2lab.__main__", "blip2lab"},  # the package's own __init__ hands out blip2lab.load
 ]
 
 
