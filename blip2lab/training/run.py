@@ -325,6 +325,8 @@ def _save_result(cfg: TrainRunConfig, model: Blip2, proc: Blip2Processor, out: P
             save_lora_adapter(model, cfg.finetune.lora, out / "lora_adapter", base=cfg.model.source or "")
         merge_lora(model)
     model.requires_grad_(False)
+    if model.llm is not None:  # reopened in the precision it trained in, not the source file's
+        model.llm.model.config.dtype = model.llm.model.dtype
     Blip2Pipeline(model.eval(), proc).save(out)
 
 
