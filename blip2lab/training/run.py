@@ -269,7 +269,8 @@ def run(cfg: TrainRunConfig, resume: bool = False, log: Callable[[str], None] = 
 
     if not cfg.out:
         raise ConfigError("out is empty: pass --out DIR")
-    out, state = Path(cfg.out), PartialState()
+    # cpu=True as the loop's Accelerator asks: accelerate sees gloo processes only so (its state is one per process)
+    out, state = Path(cfg.out), PartialState(cpu=not torch.cuda.is_available())
     _check_resume(out, resume)
     torch.manual_seed(cfg.train.seed)  # fresh parts (queries, projections, adapters) drawn alike on every rank
     model, proc = load_model(cfg)
