@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BATCH = 16
 sys.path.insert(0, str(ROOT))
 
 from blip2lab.pipeline import Blip2Pipeline, load  # noqa: E402
@@ -63,7 +64,7 @@ def start_folder(out: Path, seed: int) -> Path:
 def stage1(data: Path, out: Path, start: Path, steps: int, seed: int) -> float:
     t = time.perf_counter()
     R.run(R.resolve("stage1", None, (f"data.path={data}", f"out={out}", f"model.source={start}",
-                                     f"train.max_steps={steps}", "train.batch_size=32", "train.lr=5e-4",
+                                     f"train.max_steps={steps}", f"train.batch_size={BATCH}", "train.lr=1e-3",
                                      "train.min_lr=5e-5", "train.warmup_steps=30", "train.itm_easy_negatives=0.5",
                                      f"train.seed={seed}", "data.crop.hflip=false", "data.crop.scale=[1.0,1.0]",
                                      "progress=false")))
