@@ -20,7 +20,7 @@ LAYERS = [
     {"blip2lab.search"},
     {"blip2lab.worlds"},
     {"blip2lab.routing"},  # which world's shipped model answers an image
-    {"blip2lab.cli", "blip2lab"},  # the package's own __init__ hands out blip2lab.load
+    {"blip2lab.cli", "blip2lab.__main__", "blip2lab"},  # the package's own __init__ hands out blip2lab.load
 ]
 
 
