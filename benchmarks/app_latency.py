@@ -48,21 +48,21 @@ def handler_latency(args) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    import app
+    from app import caption, chat, search, server  # the app/ package beside app.py
 
     torch.set_num_threads(args.threads)
-    loaded = app.setup(app.Settings(model=args.model, gallery_size=args.gallery))
+    loaded = server.setup(server.Settings(model=args.model, gallery_size=args.gallery))
     loaded.base_ready.wait()
     image, three = str(ASSETS / "red-circle.png"), str(ASSETS / "three-shapes.png")
-    session = app.new_session_gallery()
+    session = search.new_session_gallery()
     return {
-        "chat": timed(lambda: app.chat({"text": "what color is the circle?", "files": [image]}, app.new_chat(),
-                                       *DECODING), args.repeats),
-        "caption_maps": timed(lambda: app.caption_maps(three), args.repeats),
-        "search_text_to_image": timed(lambda: app.search("text → image", "a small green circle on the top right",
-                                                         None, "ITC + ITM re-rank", 8, session), args.repeats),
-        "search_image_to_text": timed(lambda: app.search("image → text", "", three, "ITC + ITM re-rank", 8,
-                                                         session), args.repeats),
+        "chat": timed(lambda: chat.chat({"text": "what color is the circle?", "files": [image]}, chat.new_chat(),
+                                        *DECODING), args.repeats),
+        "caption_maps": timed(lambda: caption.caption_maps(three), args.repeats),
+        "search_text_to_image": timed(lambda: search.search("text → image", "a small green circle on the top right",
+                                                            None, "ITC + ITM re-rank", 8, session), args.repeats),
+        "search_image_to_text": timed(lambda: search.search("image → text", "", three, "ITC + ITM re-rank", 8,
+                                                            session), args.repeats),
     }
 
 

@@ -10,6 +10,11 @@
     blip2lab minireal build [--preset default|tiny] [--out runs/minireal] [--seed 0]
     blip2lab minireal train stage1|stage2 [--stage1 DIR] [--resume] [--preset ...]
     blip2lab minireal eval [--model DIR] [--preset ...]
+    blip2lab train stage1|stage2|finetune --data PATH [--images DIR] --out DIR [--from MODEL] [--steps N]
+                   [--lr X] [--batch-size B] [--lora] [--config FILE] [--set key=value ...] [--plan] [--resume]
+    blip2lab capfilt --model M --data PATH [--images DIR] --out FILE [--samples 3] [--threshold 0.5]
+    blip2lab export-hf --model DIR --out HF_DIR [--adapter]
+    accelerate launch -m blip2lab train ...    (the same command on several GPUs or machines)
     blip2lab eval caption --annotations FILE --images DIR --out DIR [--model ...]   (docs/evaluation.md)
     blip2lab eval vqa --questions FILE [--annotations FILE] --images DIR --out DIR
     blip2lab eval retrieval --annotations FILE --images DIR --out DIR [--k-test 128]
@@ -58,7 +63,86 @@ def _parser() -> argparse.ArgumentParser:
     _shapes_parser(sub)
     _minireal_parser(sub)
     _eval_parser(sub)
+    _train_parser(sub)
     return parser
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune on your data (docs/training.md)")
+    p.add_argument("stage", choices=["stage1", "stage2", "finetune"])
+    p.add_argument("--data", help="caption file (COCO / LAVIS JSON, CSV, JSONL), image folder with captions.csv, "
+                                  "VQA JSON, saved `datasets` folder or webdataset shards")
+    p.add_argument("--images", help="image root of the caption file's relative paths (default: its folder)")
+    p.add_argument("--out", help="where the trained model, its logs and checkpoints go")
+    p.add_argument("--from", dest="source", help="start from: a shipped name, blip2lab folder, HF folder / hub id, "
+                                                 "LAVIS .pth (default: build model.build)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lora", action="store_true", help="LoRA adapters only (finetune.mode=lora)")
+    p.add_argument("--config", help="a JSON file of (part of) the run's TrainRunConfig")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any config field")
+    p.add_argument("--plan", action="store_true", help="print trainable parameters and memory per GPU; train nothing")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train/checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("capfilt", help="BLIP's CapFilt: synthetic captions + ITM filter -> a new caption file")
+    p.add_argument("--model", required=True, help="the captioner (and filter, unless --filter)")
+    p.add_argument("--filter", help="a model with ITM heads to filter with (default: --model)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--images")
+    p.add_argument("--out", required=True, help="the new caption file (.json LAVIS list, .csv or .jsonl)")
+    p.add_argument("--samples", type=int, default=3, help="synthetic captions per image (nucleus sampling)")
+    p.add_argument("--threshold", type=float, default=0.5, help="ITM match probability a caption must reach")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p = sub.add_parser("export-hf", help="a trained blip2lab folder as a Hugging Face BLIP-2 folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--adapter", action="store_true",
+                   help="keep the LoRA adapter as a peft adapter (OUT/adapter) beside unmerged base weights")
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """The command's flags as config overrides (before --set, which wins)."""
+    flags = {"data.path": args.data, "data.images": args.images, "out": args.out, "model.source": args.source,
+             "train.max_steps": args.steps, "train.lr": args.lr, "train.batch_size": args.batch_size}
+    out = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.lora:
+        out.append("finetune.mode=lora")
+    if args.quiet:
+        out.append("progress=false")
+    return out + list(args.set)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from blip2lab.training import run as training
+
+    cfg = training.resolve(args.stage, args.config, tuple(_train_overrides(args)))
+    if args.plan:
+        from blip2lab.training.plan import estimate, format_plan
+
+        print(format_plan(estimate(cfg)))
+        return
+    summary = training.run(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2, default=str))
+
+
+def _capfilt(args: argparse.Namespace) -> None:
+    from blip2lab.training.capfilt import CapFiltConfig, capfilt
+
+    cfg = CapFiltConfig(samples=args.samples, threshold=args.threshold, top_p=args.top_p,
+                        batch_size=args.batch_size, seed=args.seed)
+    report = capfilt(args.model, args.data, args.out, images=args.images, filter_model=args.filter, cfg=cfg,
+                     device=args.device)
+    print(json.dumps(report, indent=2))
+
+
+def _export_hf(args: argparse.Namespace) -> None:
+    from blip2lab.training.export import export_trained
+
+    print(export_trained(args.model, args.out, adapter=args.adapter))
 
 
 def _shapes_parser(sub) -> None:
@@ -306,6 +390,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.command == "minireal":
         _minireal(args, " ".join(["blip2lab", *(sys.argv[1:] if argv is None else argv)]))
+        return 0
+    from blip2lab.config import ConfigError
+
+    commands = {"train": _train, "capfilt": _capfilt, "export-hf": _export_hf}
+    if args.command in commands:
+        try:
+            commands[args.command](args)
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            print(f"blip2lab: error: {err}", file=sys.stderr)
+            return 2
         return 0
     from blip2lab.pipeline import load
 

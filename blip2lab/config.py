@@ -252,6 +252,12 @@ class LLMConfig:
     # generation stops there and the text is cut there), or, False, at the tokenizer's EOS only
     # (InstructBLIP's Vicuna: LAVIS blip2_vicuna_instruct ends its targets with </s>).
     stop_at_newline: bool = True
+    # A deviation, "none" in the paper (the projection's output goes to the LLM as it is):
+    # "embedding" rescales each visual prompt vector to the mean norm of the LLM's word
+    # embeddings (a fixed scale; the direction stays the projection's). In the shapes world the
+    # caption-trained prompt grows to ~12x a word's norm, and the small pre-LN OPT then stops
+    # reading it when it answers a question (docs/ablations.md, zero-shot VQA).
+    visual_prompt_norm: Literal["none", "embedding"] = "none"
 
     def __post_init__(self) -> None:
         _check(self.kind in ("none", "decoder", "encoder_decoder"),

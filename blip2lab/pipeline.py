@@ -94,6 +94,19 @@ def _refuse_unknown(overrides: dict) -> None:
                     f"{list(OWN_DECODING_KEYWORDS)}")
 
 
+def lavis_decoding(use_nucleus_sampling: bool, num_beams: int, max_new_tokens: int, min_length: int = 0,
+                   temperature: float = 1.0, top_p: float = 0.9, length_penalty: float = 1.0,
+                   repetition_penalty: float = 1.0, seed: Optional[int] = None) -> dict[str, Any]:
+    """LAVIS's generate() arguments (its demo's controls) -> `decoding_config` overrides. Each
+    strategy keeps only what it reads (beams and length penalty: beam search; temperature,
+    top-p and seed: sampling), and min_length, in new tokens, is capped at max_new_tokens."""
+    common = dict(max_new_tokens=max_new_tokens, min_new_tokens=min(min_length, max_new_tokens),
+                  repetition_penalty=repetition_penalty)
+    if use_nucleus_sampling:
+        return common | dict(use_nucleus_sampling=True, top_p=top_p, temperature=temperature, seed=seed)
+    return common | dict(num_beams=num_beams, length_penalty=length_penalty)
+
+
 class Blip2Pipeline:
     """A model + its processor. `retrieval`: an optional second model with ITC/ITM heads for
     `match` / `embed_*` when `model` (a stage-2 checkpoint) has none; it shares the frozen
@@ -180,7 +193,7 @@ class Blip2Pipeline:
         prompts = [self.processor.chat_prompt(h, q) if h else self.processor.vqa_prompt(q)
                    for h, q in zip(history, questions)]
         return self._generate(image, prompts, decoding_config(VQA_DECODING, **decoding),
-                              self._qformer_text(questions, prompts))
+                              self._qformer_text(questions, prompts), answer=True)
 
     def _qformer_text(self, questions: Optional[list[str]], prompts: list[str]) -> Optional[dict]:
         """What the Q-Former reads beside the queries: nothing (BLIP-2), the question (the
@@ -194,13 +207,15 @@ class Blip2Pipeline:
         return None
 
     def _generate(self, image: Tensor, prompts: list[str], decoding: DecodingConfig,
-                  question_batch: Optional[dict] = None) -> list[str]:
-        batch = {k: v.to(self.device) for k, v in self.processor.generation_batch(prompts).items()}
+                  question_batch: Optional[dict] = None, answer: bool = False) -> list[str]:
+        """`answer`: the text ends where an answer ends (Blip2Processor.answer_stop_token_ids)."""
+        proc = self.processor
+        batch = {k: v.to(self.device) for k, v in proc.generation_batch(prompts).items()}
         q = {} if question_batch is None else {k: v.to(self.device) for k, v in question_batch.items()}
         tokens = self.model.generate_text(image, batch["llm_ids"], batch["llm_mask"], decoding,
-                                          eos_token_id=self.processor.llm_stop_token_ids,
-                                          pad_token_id=self.processor.llm_pad_token_id, **q)
-        return self.processor.decode_llm(tokens)
+                                          eos_token_id=proc.answer_stop_token_ids if answer else proc.llm_stop_token_ids,
+                                          pad_token_id=proc.llm_pad_token_id, **q)
+        return proc.decode_answers(tokens) if answer else proc.decode_llm(tokens)
 
     # -- matching and embeddings ---------------------------------------------------------
 

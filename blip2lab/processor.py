@@ -335,6 +335,13 @@ class Blip2Processor:
         return self.llm_kind == "decoder" and self.stop_at_newline
 
     @property
+    def _paper_answers(self) -> bool:
+        """Answers in the paper's chat format, each ended by ".": a decoder-only BLIP-2 prompted
+        the paper's way; not a chat template, not InstructBLIP's Vicuna (stop_at_newline off),
+        whose answers run to its EOS (LAVIS blip2_vicuna_instruct)."""
+        return self.llm_kind == "decoder" and not self.chat_template and self.stop_at_newline
+
+    @property
     def llm_eos_token_id(self) -> int:
         """Where generated text ends: the id of "\\n" for decoder-only LLMs (what they are
         trained to emit after the text, LAVIS blip2_opt), EOS for encoder-decoders and for a
@@ -351,6 +358,27 @@ class Blip2Processor:
         if eos is not None and eos not in ids:
             ids.append(eos)
         return ids
+
+    @property
+    def answer_stop_token_ids(self) -> list[int]:
+        """Where a generated answer ends: `llm_stop_token_ids` and, for a decoder-only LLM
+        prompted the paper's way, the token of "." - the paper's multi-turn format ends every
+        answer with one ("Question: {q} Answer: {a}."), so an LLM that learned that format goes
+        on with the next "Question:" after it (`decode_answers` cuts there too)."""
+        ids = list(self.llm_stop_token_ids)
+        if self._paper_answers:
+            dot = self._encode(["."])[0]
+            if len(dot) == 1 and dot[0] not in ids:
+                ids.append(dot[0])
+        return ids
+
+    def decode_answers(self, token_ids: Tensor | Sequence[Sequence[int]]) -> list[str]:
+        """`decode_llm`, then (decoder-only, the paper's prompt) each answer cut at its first
+        "." that ends a sentence (not the point of a number such as 2.5)."""
+        texts = self.decode_llm(token_ids)
+        if not self._paper_answers:
+            return texts
+        return [re.split(r"\.(?!\d)", t, maxsplit=1)[0].strip() for t in texts]
 
     def _join(self, prompt: str, text: str) -> str:
         return (self._joiner if prompt and text else "") + text

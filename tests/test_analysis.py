@@ -153,6 +153,19 @@ def _untimed(rows):
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
 
 
+def test_findings_share_the_full_stage1_and_write_three_tables(tmp_path):
+    """Table 6 (with the one-fact-changed gallery), Figure 5 (zero-shot VQA by type) and its
+    VQA-items variant in one run, the full stage 1 of each seed serving all three."""
+    out = A.findings(tmp_path, MICRO, seeds=(0,), kinds=("opt",), eval_at=(2,), n_eval=2, verbose=False)
+    assert [r["losses"] for r in out["table6"]] == list(A.LOSS_SETS)
+    assert all(0 <= r["hard/itm/img_r1"] <= 1 and 0 <= r["itc/txt_r1"] <= 1 for r in out["table6"])
+    for name in ("figure5", "figure5_vqa"):
+        assert {(r["stage1"], r["step"]) for r in out[name]} == {(True, 2), (False, 2)}
+        assert all("vqa/count" in r and "caption_f1" in r for r in out[name])
+        assert json.loads((tmp_path / f"{name}.json").read_text())["rows"] == json.loads(json.dumps(out[name]))
+    assert json.loads((tmp_path / "figure5_vqa.json").read_text())["preset"]["stage2_vqa_fraction"] == 0.5
+
+
 def test_two_workers_give_the_rows_of_one_process(stage1_run, tmp_path):
     """The sweeps' jobs in two spawned processes: the same rows (timings aside) as in this one."""
     kw = dict(seeds=(0, 1), verbose=False)

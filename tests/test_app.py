@@ -1,6 +1,6 @@
-"""The app's handlers called directly (no server): chat turns and their history format,
-decoding controls, caption and maps, Grad-CAM, search, the gallery, the scene composer,
-the model tab, and bad input of every kind the issue names.
+"""The app's handlers called directly (no server), tab by tab (the modules of app/): chat
+turns and their history format, decoding controls, caption and maps, Grad-CAM, search, the
+gallery, the scene composer, the model tab, and bad input of every kind the issue names.
 
 Runs on the shipped shapes-opt when it is there, else on a tiny random pipeline
 (tests/app_fixture.py): nothing here depends on the answers being right."""
@@ -15,9 +15,15 @@ import torch
 from app_fixture import ROOT, model_for_tests
 from PIL import Image
 
-sys.path.insert(0, str(ROOT))  # app.py lives at the repository root
-import app  # noqa: E402
-from blip2lab.pipeline import VQA_DECODING, decoding_config  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the app/ package lives at the repository root, beside app.py
+from app import caption as caption_tab  # noqa: E402
+from app import chat as chat_tab  # noqa: E402
+from app import composer, server  # noqa: E402
+from app import model as model_tab  # noqa: E402
+from app import search as search_tab  # noqa: E402
+from app.search import DIRECTIONS  # noqa: E402
+from blip2lab import routing  # noqa: E402
+from blip2lab.pipeline import PRESETS, VQA_DECODING, decoding_config  # noqa: E402
 from blip2lab.search.gallery import Gallery  # noqa: E402
 from blip2lab.worlds.shapes import world  # noqa: E402
 
@@ -30,7 +36,7 @@ GALLERY_SIZE = 30
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     model = model_for_tests(tmp_path_factory.mktemp("model"))
-    out = app.setup(app.Settings(model=model, gallery_size=GALLERY_SIZE))
+    out = server.setup(server.Settings(model=model, gallery_size=GALLERY_SIZE))
     assert out.base_ready.wait(60) and out.base_error is None
     return out
 
@@ -54,168 +60,173 @@ def answer_of(messages):
 
 
 def test_chat_turns_use_the_reference_history_format(loaded, files):
-    state = app.new_chat()
-    messages, box, prompt, state = app.chat({"text": "what color is the triangle?", "files": [files["scene"]]},
+    state = chat_tab.new_chat()
+    messages, box, prompt, state = chat_tab.chat({"text": "what color is the triangle?", "files": [files["scene"]]},
                                             state, *DECODING)
     assert box is None and prompt == "Question: what color is the triangle? Answer:"
     a1 = state["turns"][0][1]
     assert messages[0]["content"] == {"path": files["scene"]} and messages[-1]["role"] == "assistant"
-    messages, _, prompt, state = app.chat({"text": "where is it?", "files": []}, state, *DECODING)
+    messages, _, prompt, state = chat_tab.chat({"text": "where is it?", "files": []}, state, *DECODING)
     assert prompt == f"Question: what color is the triangle? Answer: {a1}. Question: where is it? Answer:"
     assert loaded.pipe.processor.chat_prompt([("what color is the triangle?", a1)], "where is it?") == prompt
     assert len(messages) == 5
 
-    messages, box, state = app.chat_undo(state)
+    messages, box, state = chat_tab.chat_undo(state)
     assert len(state["turns"]) == 1 and box == {"text": "where is it?", "files": []} and len(messages) == 3
-    messages, prompt, state, seed = app.chat_retry(state, *DECODING)
+    messages, prompt, state, seed = chat_tab.chat_retry(state, *DECODING)
     assert len(state["turns"]) == 1 and seed == 0 and prompt == "Question: what color is the triangle? Answer:"
-    messages, prompt, state, seed = app.chat_retry(state, "nucleus sampling", *DECODING[1:])
+    messages, prompt, state, seed = chat_tab.chat_retry(state, "nucleus sampling", *DECODING[1:])
     assert seed == 1  # sampling draws again
 
     # A new image starts a new conversation; an image alone asks for a question.
-    messages, _, prompt, state = app.chat({"text": "", "files": [str(ASSETS / "red-circle.png")]}, state, *DECODING)
+    messages, _, prompt, state = chat_tab.chat({"text": "", "files": [str(ASSETS / "red-circle.png")]}, state,
+                                               *DECODING)
     assert state["turns"] == [] and prompt == "" and len(messages) == 1
-    assert app.chat_clear()[-1] == app.new_chat()
+    assert chat_tab.chat_clear()[-1] == chat_tab.new_chat()
 
 
 def test_decoding_controls_map_to_blip2lab_options_and_grey_out(loaded):
-    beam = app.decoding_options("beam search", 3, 12, 2, 0.7, 0.8, 0.5, 1.2, 9)
+    beam = chat_tab.decoding_options("beam search", 3, 12, 2, 0.7, 0.8, 0.5, 1.2, 9)
     cfg = decoding_config(VQA_DECODING, **beam)
     assert (cfg.strategy, cfg.num_beams, cfg.max_new_tokens, cfg.min_new_tokens, cfg.length_penalty,
             cfg.repetition_penalty) == ("beam", 3, 12, 2, 0.5, 1.2)
-    greedy = decoding_config(VQA_DECODING, **app.decoding_options("beam search", 1, 5, 0, 1, 1, 1, 1, 0))
+    greedy = decoding_config(VQA_DECODING, **chat_tab.decoding_options("beam search", 1, 5, 0, 1, 1, 1, 1, 0))
     assert greedy.strategy == "greedy"
-    nucleus = decoding_config(VQA_DECODING, **app.decoding_options("nucleus sampling", 3, 12, 20, 0.7, 0.8, 0.5, 1.2, 9))
+    nucleus = decoding_config(VQA_DECODING,
+                              **chat_tab.decoding_options("nucleus sampling", 3, 12, 20, 0.7, 0.8, 0.5, 1.2, 9))
     assert (nucleus.strategy, nucleus.top_p, nucleus.temperature, nucleus.seed, nucleus.min_new_tokens) == (
         "sample", 0.8, 0.7, 9, 12)  # min length never above max
-    beams, length_penalty, temperature, top_p, seed = app.decoding_interactivity("beam search")
+    beams, length_penalty, temperature, top_p, seed = chat_tab.decoding_interactivity("beam search")
     assert beams["interactive"] and length_penalty["interactive"]
     assert not (temperature["interactive"] or top_p["interactive"] or seed["interactive"])
-    beams, length_penalty, temperature, top_p, seed = app.decoding_interactivity("nucleus sampling")
+    beams, length_penalty, temperature, top_p, seed = chat_tab.decoding_interactivity("nucleus sampling")
     assert not (beams["interactive"] or length_penalty["interactive"])
     assert temperature["interactive"] and top_p["interactive"] and seed["interactive"]
     with pytest.raises(gr.Error):
-        app.decoding_options("telepathy", 1, 1, 0, 1, 1, 1, 1, 0)
+        chat_tab.decoding_options("telepathy", 1, 1, 0, 1, 1, 1, 1, 0)
 
 
 def test_bad_images_get_friendly_errors(loaded, files):
     for name, match in (("text", "not an image"), ("corrupt", "not an image"), ("huge", "too large")):
         with pytest.raises(gr.Error, match=match):
-            app.chat({"text": "what is it?", "files": [files[name]]}, app.new_chat(), *DECODING)
+            chat_tab.chat({"text": "what is it?", "files": [files[name]]}, chat_tab.new_chat(), *DECODING)
         with pytest.raises(gr.Error, match=match):
-            app.caption_maps(files[name])
+            caption_tab.caption_maps(files[name])
     with pytest.raises(gr.Error, match="Add an image"):
-        app.chat({"text": "what is it?", "files": []}, app.new_chat(), *DECODING)
+        chat_tab.chat({"text": "what is it?", "files": []}, chat_tab.new_chat(), *DECODING)
     with pytest.raises(gr.Error, match="Add an image"):
-        app.caption_maps(None)
+        caption_tab.caption_maps(None)
     for name in ("grey", "rgba"):
-        assert app.open_image(files[name]).mode == "RGB"
-        _, _, prompt, state = app.chat({"text": "what shape is on the top middle?", "files": [files[name]]},
-                                       app.new_chat(), *DECODING)
+        assert server.open_image(files[name]).mode == "RGB"
+        _, _, prompt, state = chat_tab.chat({"text": "what shape is on the top middle?", "files": [files[name]]},
+                                            chat_tab.new_chat(), *DECODING)
         assert len(state["turns"]) == 1
-    assert all(app.looks_like_scene(Image.open(p).convert("RGB")) for p in ASSETS.glob("*.png")
-               if p.name != "not-a-scene.png")
     with pytest.warns(UserWarning, match="shapes-world scene"):
-        app.chat({"text": "", "files": [str(ASSETS / "not-a-scene.png")]}, app.new_chat(), *DECODING)
+        chat_tab.chat({"text": "", "files": [str(ASSETS / "not-a-scene.png")]}, chat_tab.new_chat(), *DECODING)
 
 
 def test_questions_empty_long_and_a_long_chat(loaded, files):
-    state = app.chat({"text": "", "files": [files["scene"]]}, app.new_chat(), *DECODING)[-1]
+    state = chat_tab.chat({"text": "", "files": [files["scene"]]}, chat_tab.new_chat(), *DECODING)[-1]
     with pytest.raises(gr.Error, match="Type a question"):
-        app.chat({"text": "   ", "files": []}, state, *DECODING)
+        chat_tab.chat({"text": "   ", "files": []}, state, *DECODING)
     with pytest.warns(UserWarning, match="characters"):
-        _, _, prompt, state = app.chat({"text": "what " * 2000, "files": []}, state, *DECODING)
+        _, _, prompt, state = chat_tab.chat({"text": "what " * 2000, "files": []}, state, *DECODING)
     assert len(state["turns"]) == 1 and prompt.endswith("Answer:")
     pipe = loaded.pipe
     limit = pipe.model.llm.model.config.max_position_embeddings
-    history = [("how many shapes are there? " * 4, "one")] * 40  # far more than the LLM reads
+    history = [["how many shapes are there? " * 4, "one"]] * 40  # far more than the LLM reads
+    long_chat = {"image": files["scene"], "turns": history}
     with pytest.warns(UserWarning, match="oldest"):
-        kept, question, prompt = app.fit_to_context(pipe, history, "what color is it?", 10)
-    assert 0 < len(kept) < len(history) and kept == history[-len(kept):] and question == "what color is it?"
+        _, _, prompt, state = chat_tab.chat({"text": "what color is it?", "files": []}, long_chat, *DECODING)
+    assert state["turns"][:-1] == history and state["turns"][-1][0] == "what color is it?"
+    assert prompt.startswith("Question: how many shapes") and prompt.endswith("Question: what color is it? Answer:")
     assert pipe.processor.generation_batch([prompt])["llm_ids"].shape[1] + 10 + \
         pipe.model.config.qformer.num_queries <= limit
 
 
 def test_caption_maps_selectors_words_and_raw_maps(loaded):
     image = str(ASSETS / "three-shapes.png")
-    caption, small, big, words, cam_image, info, npz, cache = app.caption_maps(image, "all", "all", "mean", "all")
+    caption, small, big, words, cam_image, info, npz, cache = caption_tab.caption_maps(image, "all", "all", "mean",
+                                                                                       "all")
     cfg = loaded.pipe.model.config.qformer
     assert isinstance(caption, str) and len(small) == cfg.num_queries
     assert Image.open(small[0][0]).size == (96, 96) and Image.open(big).size == (320, 320)
     assert small[3][1] == "query 3" and "Grad-CAM" in info
-    layers = app.cross_layers()
+    layers = caption_tab.cross_layers()
     with np.load(npz) as raw:
         assert raw["cross_attention"].shape[:3] == (len(layers), cfg.num_heads, cfg.num_queries)
         assert list(raw["cross_attention_layers"]) == layers and str(raw["caption"]) == caption
     for layer, head, reduce, query in ((str(layers[0]), "0", "max", "2"), ("all", "all", "max", "all")):
-        small2, big2 = app.redraw_maps(cache, layer, head, reduce, query)
+        small2, big2 = caption_tab.redraw_maps(cache, layer, head, reduce, query)
         assert len(small2) == cfg.num_queries and Path(big2).is_file()
     with pytest.raises(gr.Error, match="out of range"):
-        app.redraw_maps(cache, "all", str(cfg.num_heads), "mean", "all")
+        caption_tab.redraw_maps(cache, "all", str(cfg.num_heads), "mean", "all")
     with pytest.raises(gr.Error, match="no cross-attention"):
-        app.caption_maps(image, "999")
+        caption_tab.caption_maps(image, "999")
 
     text = "a small green circle on the top right"
-    words, cam_image, info, npz = app.gradcam(image, text, "last", "all")
+    words, cam_image, info, npz = caption_tab.gradcam(image, text, "last", "all")
     assert [w for w, _ in words] == text.split() and max(s for _, s in words) == 1.0
     assert "the whole text" in info
-    cam_image2, info2 = app.pick_word({"image": Image.open(image), "maps": None, "cam": loaded.pipe.gradcam(
+    cam_image2, info2 = caption_tab.pick_word({"image": Image.open(image), "maps": None, "cam": loaded.pipe.gradcam(
         image, text)}, gr.SelectData(None, {"index": 3, "value": "circle"}))
     assert "“circle”" in info2 and Path(cam_image2).is_file()
     with np.load(npz) as raw:
         assert raw["gradcam_word_maps"].shape[0] == len(text.split())
         np.testing.assert_allclose(raw["gradcam_word_scores"].sum(), 1.0, atol=1e-5)
     with pytest.raises(gr.Error, match="Type a text"):
-        app.gradcam(image, "  ")
+        caption_tab.gradcam(image, "  ")
 
 
 def test_search_both_ways_with_session_additions(loaded, files):
-    session = app.new_session_gallery()
+    session = search_tab.new_session_gallery()
     caption = world.caption(world.make_gallery("test", GALLERY_SIZE, seed=0)[4])
-    images, table, status, hits = app.search(app.DIRECTIONS[0], caption, None, "ITC", 5, session)
+    images, table, status, hits = search_tab.search(DIRECTIONS[0], caption, None, "ITC", 5, session)
     assert [r[0] for r in table] == [1, 2, 3, 4, 5] and len(images) == 5 and "ITC" in status
     assert [r[2] for r in table] == sorted((r[2] for r in table), reverse=True)
     assert all(r[1].startswith(("scene:", "example:")) for r in table)
-    _, table, _, _ = app.search(app.DIRECTIONS[0], caption, None, "ITC + ITM re-rank", 5, session)
+    _, table, _, _ = search_tab.search(DIRECTIONS[0], caption, None, "ITC + ITM re-rank", 5, session)
     assert all(0 <= r[3] <= 1 for r in table)
-    images, table, _, _ = app.search(app.DIRECTIONS[1], "", files["scene"], "ITC + ITM re-rank", 3, session)
+    images, table, _, _ = search_tab.search(DIRECTIONS[1], "", files["scene"], "ITC + ITM re-rank", 3, session)
     assert images == [] and len(table) == 3
 
     with pytest.warns(UserWarning, match="Skipped 1 file"):
-        status, session = app.gallery_add([files["scene"], files["text"]], session)
+        status, session = search_tab.gallery_add([files["scene"], files["text"]], session)
     assert "Added 1 image(s)" in status and session["gallery"].num_images == 1
-    status, session = app.gallery_add_texts("a green triangle\n\nmy own words", session)
+    status, session = search_tab.gallery_add_texts("a green triangle\n\nmy own words", session)
     assert session["gallery"].texts == ["a green triangle", "my own words"]
-    _, table, _, _ = app.search(app.DIRECTIONS[0], "a green triangle", None, "ITC", 50, session)
+    _, table, _, _ = search_tab.search(DIRECTIONS[0], "a green triangle", None, "ITC", 50, session)
     assert any(r[1].startswith("upload:") for r in table)  # 30 scenes + 6 examples + 1 upload, all ranked
-    _, table, _, _ = app.search(app.DIRECTIONS[1], "", files["scene"], "ITC", 50, session)
+    _, table, _, _ = search_tab.search(DIRECTIONS[1], "", files["scene"], "ITC", 50, session)
     assert {"a green triangle", "my own words"} <= {r[1] for r in table}
-    assert app.gallery_reset()[1]["gallery"].num_images == 0
+    assert search_tab.gallery_reset()[1]["gallery"].num_images == 0
 
     with pytest.raises(gr.Error, match="Type a text"):
-        app.search(app.DIRECTIONS[0], "", None)
+        search_tab.search(DIRECTIONS[0], "", None)
     with pytest.raises(gr.Error, match="Add an image"):
-        app.search(app.DIRECTIONS[1], "", None)
+        search_tab.search(DIRECTIONS[1], "", None)
     with pytest.raises(gr.Error, match="Choose one or more"):
-        app.gallery_add([], session)
+        search_tab.gallery_add([], session)
 
 
 def test_search_with_an_empty_gallery(loaded, monkeypatch):
-    monkeypatch.setattr(loaded, "base", Gallery())
+    monkeypatch.setattr(loaded.base, "gallery", Gallery())
     with pytest.raises(gr.Error, match="no images"):
-        app.search(app.DIRECTIONS[0], "a red circle", None, "ITC", 5, app.new_session_gallery())
+        search_tab.search(DIRECTIONS[0], "a red circle", None, "ITC", 5, search_tab.new_session_gallery())
     with pytest.raises(gr.Error, match="no texts"):
-        app.search(app.DIRECTIONS[1], "", str(ASSETS / "red-circle.png"), "ITC", 5, app.new_session_gallery())
+        search_tab.search(DIRECTIONS[1], "", str(ASSETS / "red-circle.png"), "ITC", 5, search_tab.new_session_gallery())
 
 
 def test_clicking_a_result_searches_by_it(loaded):
-    session = app.new_session_gallery()
-    *_, hits = app.search(app.DIRECTIONS[0], "a large red circle on the top left", None, "ITC", 3, session)
-    out = app.search_by_result(hits, app.DIRECTIONS[0], "ITC", 3, session, gr.SelectData(None, {"index": 1, "value": None}))
+    session = search_tab.new_session_gallery()
+    *_, hits = search_tab.search(DIRECTIONS[0], "a large red circle on the top left", None, "ITC", 3, session)
+    out = search_tab.search_by_result(hits, DIRECTIONS[0], "ITC", 3, session,
+                                      gr.SelectData(None, {"index": 1, "value": None}))
     direction, _, query_image, images, table, status, new_hits, _ = out
-    assert direction == app.DIRECTIONS[1] and Path(query_image).is_file() and len(table) == 3
-    out = app.search_by_result(new_hits, direction, "ITC", 3, session, gr.SelectData(None, {"index": [0, 1], "value": None}))
-    assert out[0] == app.DIRECTIONS[0] and out[1] == new_hits[0]["key"] and len(out[4]) == 3
+    assert direction == DIRECTIONS[1] and Path(query_image).is_file() and len(table) == 3
+    out = search_tab.search_by_result(new_hits, direction, "ITC", 3, session,
+                                      gr.SelectData(None, {"index": [0, 1], "value": None}))
+    assert out[0] == DIRECTIONS[0] and out[1] == new_hits[0]["key"] and len(out[4]) == 3
 
 
 def test_folder_indexing_is_local_only(loaded, files, tmp_path, monkeypatch):
@@ -225,60 +236,61 @@ def test_folder_indexing_is_local_only(loaded, files, tmp_path, monkeypatch):
     Image.open(files["grey"]).save(folder / "sub" / "b.jpg")
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
     (folder / "notes.txt").write_text("skip me")
-    status, session = app.gallery_add_folder(str(folder), app.new_session_gallery())
+    status, session = search_tab.gallery_add_folder(str(folder), search_tab.new_session_gallery())
     assert "Indexed 2 of 3" in status and session["gallery"].num_images == 2
     with pytest.raises(gr.Error, match="not a folder"):
-        app.gallery_add_folder(str(folder / "missing"), app.new_session_gallery())
-    for settings in (app.Settings(hosted=True), app.Settings(host="0.0.0.0")):
+        search_tab.gallery_add_folder(str(folder / "missing"), search_tab.new_session_gallery())
+    for settings in (server.Settings(hosted=True), server.Settings(host="0.0.0.0")):
         assert not settings.folders_allowed
-        monkeypatch.setattr(app, "SETTINGS", settings)
+        monkeypatch.setattr(server, "SETTINGS", settings)
         for path in (str(folder), "..", "../..", "/", "/etc"):
             with pytest.raises(gr.Error, match="local-only"):
-                app.gallery_add_folder(path, app.new_session_gallery())
+                search_tab.gallery_add_folder(path, search_tab.new_session_gallery())
         with pytest.raises(gr.Error, match="local-only"):
-            app.switch_model(str(tmp_path))
+            model_tab.switch_model(str(tmp_path))
 
 
 def test_scene_composer(loaded):
     cells = [["none", "red", "large"]] * 6
     cells[0] = ["circle", "red", "large"]
     cells[5] = ["square", "blue", "small"]
-    path, caption, record = app.compose_scene(*[v for c in cells for v in c])
+    path, caption, record = composer.compose_scene(*[v for c in cells for v in c])
     assert caption == "a large red circle on the top left and a small blue square on the bottom right"
     assert world.Scene.from_json(record).tuples() == world.parse_caption(caption)
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(world.render(world.Scene.from_json(record))))
-    assert app.scene_from_text(caption)[1] == caption
-    assert app.random_scene(3, False)[2] == app.random_scene(3, False)[2]
-    assert world.Scene.from_json(app.random_scene(3, True)[2]).has_held_out
+    assert composer.scene_from_text(caption)[1] == caption
+    assert composer.random_scene(3, False)[2] == composer.random_scene(3, False)[2]
+    assert world.Scene.from_json(composer.random_scene(3, True)[2]).has_held_out
     with pytest.raises(gr.Error, match="at least one"):
-        app.compose_scene(*[v for c in [["none", "red", "large"]] * 6 for v in c])
+        composer.compose_scene(*[v for c in [["none", "red", "large"]] * 6 for v in c])
     with pytest.raises(gr.Error, match="same cell"):
-        app.scene_from_text("a large red circle on the top left and a small blue square on the top left")
+        composer.scene_from_text("a large red circle on the top left and a small blue square on the top left")
     with pytest.raises(gr.Error, match="Describe each shape"):
-        app.scene_from_text("a cat")
+        composer.scene_from_text("a cat")
 
 
 def test_model_tab(loaded):
-    info = app.model_info()
+    info = model_tab.model_info()
     assert loaded.name in info and "Q-Former" in info and "parameters" in info
-    assert loaded.name in app.header_markdown()
+    assert loaded.name in model_tab.header_markdown()
     with pytest.raises(gr.Error, match="unknown model|not a"):
-        app.switch_model("no-such-model")
-    assert app.APP is loaded  # a failed switch keeps the model
-    info, header, *updates = app.switch_model(loaded.name)  # reload the same model (local: folders allowed)
+        model_tab.switch_model("no-such-model")
+    assert server.APP is loaded  # a failed switch keeps the model
+    info, header, *updates = model_tab.switch_model(loaded.name)  # reload the same model (local: folders allowed)
     assert loaded.name in info and len(updates) == 4 and updates[0]["choices"][0] == "all"
-    assert app.APP.base_ready.wait(60)
+    assert server.APP.base_ready.wait(60)
 
 
 def test_a_photo_sent_to_a_shapes_model_is_answered_by_mini_real(loaded):
-    if not loaded.is_shapes or app.PHOTO_MODEL not in app.PRESETS:  # the tiny random fallback model
-        assert app.photo_model_for(Image.open(ASSETS / "not-a-scene.png").convert("RGB")) is None
+    if not loaded.is_shapes or routing.PHOTO_MODEL not in PRESETS:  # the tiny random fallback model
+        assert server.photo_model_for(Image.open(ASSETS / "not-a-scene.png").convert("RGB")) is None
         return
     scene = Image.open(ASSETS / "red-circle.png").convert("RGB")
-    assert app.photo_model_for(scene) is None  # scenes stay with the shapes model
-    with pytest.warns(UserWarning, match=app.PHOTO_MODEL):
-        messages, _, prompt, state = app.chat({"text": "what is in the picture?",
-                                               "files": [str(ASSETS / "not-a-scene.png")]}, app.new_chat(), *DECODING)
-    assert loaded.photo_pipe is not None and loaded.photo_pipe.name == app.PHOTO_MODEL
+    assert server.photo_model_for(scene) is None  # scenes stay with the shapes model
+    with pytest.warns(UserWarning, match=routing.PHOTO_MODEL):
+        messages, _, prompt, state = chat_tab.chat({"text": "what is in the picture?",
+                                                    "files": [str(ASSETS / "not-a-scene.png")]}, chat_tab.new_chat(),
+                                                   *DECODING)
+    assert loaded.photo_pipe is not None and loaded.photo_pipe.name == routing.PHOTO_MODEL
     assert loaded.photo_pipe.model.config.llm.kind == "decoder" and isinstance(answer_of(messages), str)
-    assert app.PHOTO_MODEL in app.header_markdown()
+    assert routing.PHOTO_MODEL in model_tab.header_markdown()

@@ -218,7 +218,8 @@ def _raw_call(base: str, api: str, data: list) -> str:
 
 def test_no_request_reads_files_outside_uploads_and_app_assets(server, client):
     for target in ("/etc/passwd", "../../../../etc/passwd", "..%2F..%2F..%2Fetc%2Fpasswd", str(ROOT / "app.py"),
-                   "app.py", str(ROOT / "models"), "/proc/self/environ"):
+                   "app.py", str(ROOT / "app" / "server.py"), "app/server.py", str(ROOT / "models"),
+                   "/proc/self/environ"):
         r = httpx.get(f"{server.url}gradio_api/file={target}", timeout=10)
         assert r.status_code in (403, 404), (target, r.status_code)
         assert "root:" not in r.text

@@ -16,10 +16,12 @@ LAYERS = [
     {"blip2lab.images", "blip2lab.processor"},
     {"blip2lab.formats"},
     {"blip2lab.explain"},
-    {"blip2lab.pipeline", "blip2lab.training", "blip2lab.evaluate", "blip2lab.evaluation", "blip2lab.serving"},
+    {"blip2lab.pipeline", "blip2lab.chat", "blip2lab.training", "blip2lab.evaluate", "blip2lab.evaluation",
+     "blip2lab.serving"},
     {"blip2lab.search"},
     {"blip2lab.worlds"},
-    {"blip2lab.cli", "blip2lab"},  # the package's own __init__ hands out blip2lab.load
+    {"blip2lab.routing"},  # which world's shipped model answers an image
+    {"blip2lab.cli", "blip2lab.__main__", "blip2lab"},  # the package's own __init__ hands out blip2lab.load
 ]
 
 

@@ -32,11 +32,14 @@ def _photo(seed: int):
     return Image.fromarray((torch.rand(200, 300, 3, generator=g) * 255).byte().numpy())
 
 
-def _hf(hf, proc, pipe, image, prompt, **kw) -> str:
+def _hf(hf, proc, pipe, image, prompt, answer=False, **kw) -> str:
+    """transformers' text, ended where blip2lab ends a caption or an answer (Blip2Processor)."""
+    ours = pipe.processor
     inputs = proc(images=image, text=prompt, return_tensors="pt")
-    out = hf.generate(**inputs, eos_token_id=pipe.processor.llm_stop_token_ids,
-                      pad_token_id=pipe.processor.llm_pad_token_id, **kw)
-    return pipe.processor.decode_llm(out[:, inputs["input_ids"].shape[1]:])[0]
+    out = hf.generate(**inputs, eos_token_id=ours.answer_stop_token_ids if answer else ours.llm_stop_token_ids,
+                      pad_token_id=ours.llm_pad_token_id, **kw)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return (ours.decode_answers(new) if answer else ours.decode_llm(new))[0]
 
 
 def test_keywords_map_to_decoding_config():
@@ -65,7 +68,7 @@ def test_beam_keywords_give_transformers_tokens(opt):
               no_repeat_ngram_size=2, length_penalty=0.5)
     assert pipe.caption(image, **kw)[0] == _hf(hf, proc, pipe, image, "a photo of", **kw)
     q = "what is in the picture?"
-    assert pipe.answer(image, q, **kw)[0] == _hf(hf, proc, pipe, image, pipe.processor.vqa_prompt(q), **kw)
+    assert pipe.answer(image, q, **kw)[0] == _hf(hf, proc, pipe, image, pipe.processor.vqa_prompt(q), True, **kw)
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ jupytext = pytest.importorskip("jupytext")
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ["01_data_and_frozen_backbones", "02_qformer_and_masks", "03_stage1_representation_learning",
             "04_stage2_generative_learning", "05_ablation_representation_learning", "06_ablation_losses",
-            "07_attention_maps", "08_beyond_the_paper", "09_official_checkpoints", "10_mini_real"]
+            "07_attention_maps", "08_beyond_the_paper", "09_official_checkpoints", "10_mini_real",
+            "11_your_own_data"]
 STEMS = sorted({p.stem for p in NOTEBOOKS.glob("*.py")} | {p.stem for p in NOTEBOOKS.glob("*.ipynb")})
 
 

@@ -13,7 +13,7 @@ import blip2lab
 from blip2lab.cli import main as cli
 from blip2lab.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2lab.model.blip2 import Blip2
-from blip2lab.pipeline import Blip2Pipeline, decoding_config
+from blip2lab.pipeline import VQA_DECODING, Blip2Pipeline, decoding_config, lavis_decoding
 from blip2lab.processor import Blip2Processor, make_qformer_tokenizer
 
 
@@ -140,6 +140,21 @@ def test_decoding_options():
     assert decoding_config({"strategy": "greedy"}, num_beams=4).strategy == "beam"
     cfg = decoding_config({"strategy": "beam", "num_beams": 5}, use_nucleus_sampling=True)
     assert cfg.strategy == "sample" and cfg.top_p == 0.9
+
+
+def test_lavis_decoding_options():
+    """LAVIS's generate() knobs: each strategy keeps what it reads; min_length <= max_new_tokens."""
+    beam = lavis_decoding(False, 3, 12, 2, temperature=0.7, top_p=0.8, length_penalty=0.5, repetition_penalty=1.2,
+                          seed=9)
+    assert beam == dict(max_new_tokens=12, min_new_tokens=2, repetition_penalty=1.2, num_beams=3, length_penalty=0.5)
+    cfg = decoding_config(VQA_DECODING, **beam)
+    assert (cfg.strategy, cfg.num_beams, cfg.max_new_tokens, cfg.min_new_tokens, cfg.length_penalty,
+            cfg.repetition_penalty) == ("beam", 3, 12, 2, 0.5, 1.2)
+    assert decoding_config(VQA_DECODING, **lavis_decoding(False, 1, 5)).strategy == "greedy"
+    nucleus = lavis_decoding(True, 3, 12, 20, temperature=0.7, top_p=0.8, length_penalty=0.5, seed=9)
+    assert "num_beams" not in nucleus and "length_penalty" not in nucleus
+    cfg = decoding_config(VQA_DECODING, **nucleus)
+    assert (cfg.strategy, cfg.top_p, cfg.temperature, cfg.seed, cfg.min_new_tokens) == ("sample", 0.8, 0.7, 9, 12)
 
 
 def test_cli(saved, image_file, capsys):

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "requirements.txt"
 FROM_THE_SDK = {"gradio", "gradio-client"}  # the Space's sdk_version provides Gradio (requirements.txt says so)
 _IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError"}
+LOCAL = ("blip2lab", "app")  # the package, and the app's own package (app/) beside app.py
 
 
 def _guarded(tree: ast.AST) -> set[int]:
@@ -69,10 +70,10 @@ def reached_imports(entry_points: list[Path]) -> dict[str, Path]:
         seen.add(path)
         for name in _imports(path):
             top = name.split(".")[0]
-            if top == "blip2lab":
+            if top in LOCAL:  # this repository's code: follow it
                 pieces = name.split(".")
                 todo += [f for i in range(1, len(pieces) + 1) if (f := _module_file(".".join(pieces[:i])))]
-            elif top not in sys.stdlib_module_names and top not in ("app", "__future__"):
+            elif top not in sys.stdlib_module_names and top != "__future__":
                 third.setdefault(top, path)
     return third
 
@@ -89,7 +90,7 @@ def shipped_model_needs() -> set[str]:
 
 
 def required_distributions() -> set[str]:
-    entry = [ROOT / "app.py"] + sorted((ROOT / "app").rglob("*.py")) if (ROOT / "app").is_dir() else [ROOT / "app.py"]
+    entry = [ROOT / "app.py"] + (sorted((ROOT / "app").rglob("*.py")) if (ROOT / "app").is_dir() else [])
     dists = importlib.metadata.packages_distributions()
     out = set()
     for module, where in reached_imports(entry).items():

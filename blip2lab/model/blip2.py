@@ -89,7 +89,7 @@ class Blip2(nn.Module):
             raise ValueError(f"the config names a {config.llm.kind} LLM ({config.llm.name_or_path}): pass it as "
                              "language_model=, or build with blip2lab.formats.build_model(config), which loads it")
         if language_model is not None:
-            self.llm = LanguageModel(language_model, q.hidden_size)
+            self.llm = LanguageModel(language_model, q.hidden_size, config.llm.visual_prompt_norm)
             if self.llm.kind != config.llm.kind:
                 raise ValueError(f"llm.kind is {config.llm.kind!r} but the language model is {self.llm.kind!r}")
 

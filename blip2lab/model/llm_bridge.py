@@ -48,10 +48,14 @@ def _returned_cache(out):
 class LanguageModel(nn.Module):
     """A frozen transformers LLM and the trainable projection into it."""
 
-    def __init__(self, model: nn.Module, qformer_width: int):
+    def __init__(self, model: nn.Module, qformer_width: int, prompt_norm: str = "none"):
         super().__init__()
         self.kind: Kind = llm_kind(model)
         self.model = model
+        if prompt_norm not in ("none", "embedding"):
+            raise ValueError(f"prompt_norm must be 'none' or 'embedding', got {prompt_norm!r}")
+        self.prompt_norm = prompt_norm  # LLMConfig.visual_prompt_norm
+        self._word_norm: Optional[float] = None  # the LLM's mean word-embedding norm, read once
         # D_lm is the width of the LLM's input embeddings (OPT-350m projects 512 -> 1024
         # inside; its inputs are 512 wide).
         self.projection = nn.Linear(qformer_width, self.width)  # HF `language_projection`
@@ -96,8 +100,18 @@ class LanguageModel(nn.Module):
 
     def visual_prompt(self, queries: Tensor) -> Tensor:
         """Q-Former query outputs (B, Q, D_q) -> soft visual prompt (B, Q, D_lm) in the LLM's dtype.
-        A Q-Former kept in fp32 before a bf16 projection is cast down first, as transformers does."""
-        return self.projection(queries.to(self.projection.weight.dtype)).to(self.model.dtype)
+        A Q-Former kept in fp32 before a bf16 projection is cast down first, as transformers does.
+        With `prompt_norm="embedding"` each vector is rescaled to the word embeddings' mean norm."""
+        visual = self.projection(queries.to(self.projection.weight.dtype))  # (B, Q, D_lm)
+        if self.prompt_norm == "embedding":
+            visual = visual * (self.word_norm() / visual.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        return visual.to(self.model.dtype)
+
+    def word_norm(self) -> float:
+        """The mean L2 norm of the frozen LLM's input embeddings (a constant: it is frozen)."""
+        if self._word_norm is None:
+            self._word_norm = float(self.model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
+        return self._word_norm
 
     # -- training ------------------------------------------------------------------------
 

@@ -54,8 +54,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+def make_optimizer(model: nn.Module, cfg: TrainConfig, groups: Optional[list[dict]] = None) -> torch.optim.AdamW:
+    """AdamW over `groups` (default `param_groups`). A group may carry `lr_scale`: its lr is the
+    schedule's times that scale at every step (layer-wise lr decay, training/finetune.py)."""
+    return torch.optim.AdamW(groups if groups is not None else param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=cfg.betas)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -256,16 +259,21 @@ def train(
     save_weights: Callable[[nn.Module, Path], Any] = _default_save_weights,
     progress: bool = False,
     accelerator=None,
+    load_weights: Optional[Callable[[nn.Module, Path], Any]] = None,
+    groups: Optional[Callable[[nn.Module], list[dict]]] = None,
 ) -> list[dict[str, float]]:
     """Run optimiser steps until `cfg.max_steps`; returns every step's logs (each loss, the
     total, the lr). `batches`: a function micro-step -> batch (resumable, e.g. `BatchStream`)
     or any iterable of batch dicts. `out_dir`: logs (log.csv, TensorBoard), the resolved
     config and checkpoints (`checkpoint/` every `cfg.save_every` steps and at the end);
-    `resume=True` continues from `out_dir/checkpoint` exactly where it stopped."""
+    `resume=True` continues from `out_dir/checkpoint` exactly where it stopped.
+    `save_weights` / `load_weights`: how a checkpoint's weights are written and read back
+    (default: the whole model as a blip2lab folder); `groups`: the optimiser's parameter
+    groups of the model (default `param_groups`; `lr_scale` in a group scales its lr)."""
     out = Path(out_dir) if out_dir is not None else None
     accelerator = accelerator or _accelerator(cfg)
     step_fn = _Step(model, batches if callable(batches) else _from_iterable(batches), cfg, loss_kwargs, accelerator)
-    state, optimizer = _start(model, cfg, out, resume)
+    state, optimizer = _start(model, cfg, out, resume, load_weights or _load_weights, groups)
     step_fn.wrapped, step_fn.optimizer = accelerator.prepare(model, optimizer)
     main = accelerator.is_main_process
     if out is not None and main:
@@ -311,14 +319,16 @@ def train(
     return state.history
 
 
-def _start(model: nn.Module, cfg: TrainConfig, out: Optional[Path], resume: bool):
+def _start(model: nn.Module, cfg: TrainConfig, out: Optional[Path], resume: bool,
+           load_weights: Callable[[nn.Module, Path], Any] = _load_weights,
+           groups: Optional[Callable[[nn.Module], list[dict]]] = None):
     """(loop state, optimiser): fresh, or as `out/checkpoint` left them (weights loaded too)."""
     state = LoopState()
     if resume:
         if out is None or not (out / "checkpoint" / STATE_NAME).is_file():
             raise FileNotFoundError(f"nothing to resume: no {out}/checkpoint/{STATE_NAME}")
-        _load_weights(model, out / "checkpoint")
-    optimizer = make_optimizer(model, cfg)
+        load_weights(model, out / "checkpoint")
+    optimizer = make_optimizer(model, cfg, groups(model) if groups is not None else None)
     if resume:
         saved = torch.load(out / "checkpoint" / STATE_NAME, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
@@ -357,7 +367,7 @@ class _Step:
     def __call__(self, step: int, state: LoopState) -> dict[str, float]:
         cfg, acc, optimizer = self.cfg, self.accelerator, self.optimizer
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
         torch.manual_seed(step_seed(cfg.seed, step, acc.process_index))
         logs: dict[str, float] = {}
         for micro in range(cfg.grad_accum_steps):
@@ -377,7 +387,7 @@ class _Step:
                                          f"(train.max_bad_steps = {cfg.max_bad_steps}); last at step {step}")
         optimizer.zero_grad(set_to_none=True)
         return logs | {"loss": sum(v for k, v in logs.items() if k.endswith("_loss")),
-                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                       "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
                        "skipped": float(not finite)}
 
     def _micro_step(self, step: int, micro: int) -> dict[str, float]:

@@ -250,7 +250,8 @@ def run_stage2(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run | T
         return _RUNS[key]
     model, processor = stage2_model(preset, kind, stage1, seed, backbones)
     scenes, feats = train_features(preset, seed, backbones)
-    data = BatchStream(R.Stage2Data(feats, scenes, preset.stage2_vqa_fraction, seed), preset.stage2_batch,
+    prefix_lm = preset.stage2_prefix_lm and kind == "t5"
+    data = BatchStream(R.Stage2Data(feats, scenes, preset.stage2_vqa_fraction, seed, prefix_lm), preset.stage2_batch,
                        R.stage2_collate(processor, model.config.qformer_question), seed=seed)
     run = _fit(model, processor, data, 2, preset, seed, eval_at, eval_fn, progress)
     run.key = key
@@ -293,9 +294,10 @@ def quick_eval(n_eval: int, eval_seed: int = 0, novel: bool = False, batch: int 
             chunk = items[k:k + batch]
             answers += pipe.answer([images[i] for i, *_ in chunk], [q for _, q, _, _ in chunk], num_beams=1)
         refs, types = [[a] for *_, a, _ in items], [t for *_, t in items]
+        vqa = vqa_accuracy(answers, refs, types)
         return {"caption_f1": full["f1"], "caption_exact": full["exact_match"],
-                "caption_attr_f1": sum(attr) / len(attr),
-                "vqa": vqa_accuracy(answers, refs, types)["accuracy"],
+                "caption_attr_f1": sum(attr) / len(attr), "vqa": vqa["accuracy"],
+                **{k.replace("accuracy/", "vqa/"): v for k, v in vqa.items() if k.startswith("accuracy/")},
                 "vqa_cut": vqa_accuracy([a.split(".")[0] for a in answers], refs, types)["accuracy"]}
 
     return measure
@@ -305,6 +307,23 @@ def retrieval(pipe: Blip2Pipeline, gallery: int, k_test: int, eval_seed: int = 0
     """Recall@1/5/10 both ways on a gallery of test scenes with distinct captions, ITC alone
     ("itc/...") and ITM re-ranked ("itm/..."); "txt_r1" = image -> text, "img_r1" = text -> image."""
     return R.eval_retrieval(pipe, world.make_gallery("test", gallery, eval_seed), k_test)
+
+
+def hard_retrieval(pipe: Blip2Pipeline, gallery: int, k_test: int, eval_seed: int = 0) -> dict:
+    """Recall on a gallery where R@1 is not near 1: `gallery // 2` test scenes and, beside each,
+    its sibling with one fact changed (analysis.altered_scene: a shape, colour, size or cell),
+    captions all distinct; keys as `retrieval`'s."""
+    from .analysis import altered_scene
+
+    scenes = world.make_gallery("test", gallery // 2, eval_seed)
+    rng = random.Random(eval_seed)
+    pairs, seen = [], {world.caption(s) for s in scenes}
+    for s in scenes:
+        sibling = altered_scene(s, rng)
+        if world.caption(sibling) not in seen:
+            seen.add(world.caption(sibling))
+            pairs += [s, sibling]
+    return R.eval_retrieval(pipe, pairs, k_test)
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -403,12 +422,23 @@ def figure5(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = 
 LOSS_SETS = {"ITC": ("itc",), "ITC+ITM": ("itc", "itm"), "ITC+ITM+ITG": ("itc", "itm", "itg")}
 
 
-def _table6_job(name: str, preset: R.ShapesPreset, seed: int, eval_seed: int) -> dict:
-    run = run_stage1(preset, seed)
+def _table6_row(name: str, run: Run, preset: R.ShapesPreset, seed: int, eval_seed: int, hard: bool) -> dict:
     rec = retrieval(run.pipe, preset.gallery, preset.k_test, eval_seed)
+    if hard:
+        rec |= {f"hard/{k}": v for k, v in hard_retrieval(run.pipe, preset.gallery, preset.k_test, eval_seed).items()}
     last = run.history[-20:]
     final = {f"final_{k}": sum(h[k] for h in last) / len(last) for k in last[0] if k.endswith("_loss")}
     return {"losses": name, "seed": seed, **rec, **final, "train_s": round(run.seconds, 1)}
+
+
+def _table6_job(name: str, preset: R.ShapesPreset, seed: int, eval_seed: int, hard: bool = False) -> dict:
+    return _table6_row(name, run_stage1(preset, seed), preset, seed, eval_seed, hard)
+
+
+def _stage1_and_row_job(name: str, preset: R.ShapesPreset, seed: int, eval_seed: int) -> tuple[dict, Trained]:
+    """A Table 6 row (hard gallery included) and the trained weights, for stage 2 to start from."""
+    run = run_stage1(preset, seed)
+    return _table6_row(name, run, preset, seed, eval_seed, hard=True), Trained.of(run)
 
 
 def table6(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = (0, 1, 2),
@@ -589,7 +619,48 @@ def llm_size(out_dir: str | Path, preset: R.ShapesPreset, work_dir: str | Path, 
     return rows
 
 
-SWEEPS = {"figure5": figure5, "table6": table6, "queries": queries, "encoders": encoders, "llm_size": llm_size}
+def findings(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = (0, 1, 2),
+             kinds: Sequence[R.LLMKind] = ("opt", "t5"), eval_at: Optional[Sequence[int]] = None,
+             n_eval: Optional[int] = None, vqa_fraction: float = 0.5, eval_seed: int = 0, workers: int = 1,
+             verbose: bool = True) -> dict[str, list[dict]]:
+    """The paper's two findings in one run (docs/ablations.md): Table 6 (stage 1 with ITC,
+    ITC+ITM, ITC+ITM+ITG per seed; retrieval on the usual gallery and on `hard_retrieval`'s)
+    and Figure 5 (from each seed's full stage 1, and from BERT, stage 2 on captions only on
+    each LLM family, zero-shot VQA by type and caption F1 at the `eval_at` steps), plus the
+    variant whose stage 2 mixes VQA items (`vqa_fraction`) in. One stage 1 per (losses, seed):
+    the full one is Table 6's row and Figure 5's start. Writes table6, figure5 and
+    figure5_vqa (.json + .csv)."""
+    start = time.perf_counter()
+    eval_at = list(eval_at or [max(1, round(preset.stage2_steps * f)) for f in (0.25, 0.5, 0.75, 1.0)])
+    n_eval = n_eval or preset.n_eval
+    variant = replace(preset, stage2_vqa_fraction=vqa_fraction)
+    rows6, curves, full = [], {}, "ITC+ITM+ITG"
+    with _jobs(workers) as jobs:
+        stage1 = {_submit(jobs, _stage1_and_row_job, name, replace(preset, stage1_losses=tuple(losses)), seed,
+                          eval_seed): (name, seed) for name, losses in LOSS_SETS.items() for seed in seeds}
+        for done in as_completed(stage1):
+            (name, seed), (row, trained) = stage1[done], done.result()
+            rows6.append(row)
+            _log(verbose, f"table6 {name} seed {seed}: itc R@1 {row['itc/txt_r1']:.3f}/{row['itc/img_r1']:.3f}, "
+                          f"hard itm R@1 {row['hard/itm/txt_r1']:.3f}/{row['hard/itm/img_r1']:.3f}")
+            if name != full:
+                continue
+            for kind in kinds:
+                for sweep, p in (("figure5", preset), ("figure5_vqa", variant)):
+                    for s1 in (trained, None):
+                        curves[sweep, seed, kind, s1 is not None] = _submit(
+                            jobs, _figure5_job, p, kind, s1, seed, eval_at, n_eval, eval_seed)
+        out = {"table6": sorted(rows6, key=lambda r: (list(LOSS_SETS).index(r["losses"]), r["seed"]))}
+        for sweep in ("figure5", "figure5_vqa"):
+            out[sweep] = [r for key in sorted(k for k in curves if k[0] == sweep) for r in curves[key].result()[0]]
+    meta = dict(seeds=list(seeds), kinds=list(kinds), eval_at=eval_at, n_eval=n_eval, eval_seed=eval_seed)
+    for name, rows in out.items():
+        write_rows(out_dir, name, rows, _meta(name, variant if name == "figure5_vqa" else preset, start, workers,
+                                              **meta))
+    return out
+
+
+SWEEPS = {"findings": findings, "figure5": figure5, "table6": table6, "queries": queries, "encoders": encoders, "llm_size": llm_size}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -606,7 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.set_num_threads(args.threads)
     preset = R.preset_with(args.preset, args.set)
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.sweep in ("figure5", "table6"):
+    if args.sweep in ("figure5", "table6", "findings"):
         SWEEPS[args.sweep](args.out, preset, seeds=seeds, workers=args.workers)
     elif args.sweep == "queries":
         queries(args.out, preset, seed=seeds[0], workers=args.workers)
