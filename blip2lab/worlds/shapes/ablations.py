@@ -251,7 +251,8 @@ def run_stage2(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run | T
     model, processor = stage2_model(preset, kind, stage1, seed, backbones)
     scenes, feats = train_features(preset, seed, backbones)
     prefix_lm = preset.stage2_prefix_lm and kind == "t5"
-    data = BatchStream(R.Stage2Data(feats, scenes, preset.stage2_vqa_fraction, seed, prefix_lm), preset.stage2_batch,
+    data = BatchStream(R.Stage2Data(feats, scenes, preset.stage2_vqa_fraction, seed, prefix_lm,
+                                    preset.stage2_paraphrases), preset.stage2_batch,
                        R.stage2_collate(processor, model.config.qformer_question), seed=seed)
     run = _fit(model, processor, data, 2, preset, seed, eval_at, eval_fn, progress)
     run.key = key

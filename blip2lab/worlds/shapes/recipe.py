@@ -85,6 +85,9 @@ class ShapesPreset:
     # the target (prefix LM). False: "a photo of" -> the whole caption (the captioning layout,
     # which the shipped shapes-t5 trained with). Decoder-only LLMs ignore it.
     stage2_prefix_lm: bool = False
+    # Stage-2 caption items as a paraphrase drawn per item (as stage 1's texts), not always the
+    # canonical caption: web captions, the paper's stage-2 data, say the same scene many ways.
+    stage2_paraphrases: bool = False
     # LLMConfig.visual_prompt_norm (a deviation, "none" in the paper): "embedding" rescales each
     # visual prompt vector to the LLM's mean word-embedding norm.
     visual_prompt_norm: Literal["none", "embedding"] = "none"
@@ -253,9 +256,9 @@ class Stage2Data(Dataset):
     `vqa_fraction`, VQA items ("Question: {q} Answer:" -> the answer), from (seed, index)."""
 
     def __init__(self, features: torch.Tensor, scenes: list, vqa_fraction: float, seed: int = 0,
-                 prefix_lm: bool = False):
+                 prefix_lm: bool = False, paraphrases: bool = False):
         self.features, self.scenes, self.vqa_fraction, self.seed = features, scenes, vqa_fraction, seed
-        self.prefix_lm = prefix_lm
+        self.prefix_lm, self.paraphrases = prefix_lm, paraphrases
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -266,10 +269,11 @@ class Stage2Data(Dataset):
         if rng.random() < self.vqa_fraction:
             q, a, _ = rng.choice(world.questions(scene, rng, allow_held_out=False))
             return {"image_embeds": self.features[i], "question": q, "answer": a}
+        text = world.paraphrases(scene, rng) if self.paraphrases else world.caption(scene)
         if self.prefix_lm:
-            prefix, suffix = Blip2Processor.prefix_split(world.caption(scene), rng)
+            prefix, suffix = Blip2Processor.prefix_split(text, rng)
             return {"image_embeds": self.features[i], "question": None, "prompt": prefix, "answer": suffix}
-        return {"image_embeds": self.features[i], "question": None, "answer": world.caption(scene)}
+        return {"image_embeds": self.features[i], "question": None, "answer": text}
 
 
 def stage2_collate(processor: Blip2Processor, qformer_question: bool = False):
@@ -358,7 +362,8 @@ def _run_stage(out: Path, model: Blip2, processor: Blip2Processor, stage: int, p
         data = stage1_stream(features, scenes, preset, processor, seed)
     else:
         prefix_lm = preset.stage2_prefix_lm and model.llm.kind == "encoder_decoder"
-        data = BatchStream(Stage2Data(features, scenes, preset.stage2_vqa_fraction, seed, prefix_lm), cfg.batch_size,
+        data = BatchStream(Stage2Data(features, scenes, preset.stage2_vqa_fraction, seed, prefix_lm,
+                                      preset.stage2_paraphrases), cfg.batch_size,
                            stage2_collate(processor, model.config.qformer_question), seed=seed)
     with Timer() as t_train:
         train(model, data, cfg, out_dir=out / "train", progress=progress)
