@@ -11,7 +11,8 @@ TensorBoard, accelerate) and saves a blip2lab folder that `blip2lab.load` opens.
 
 Presets follow the paper (Sec. 4, Table 7): AdamW (0.9, 0.98), weight decay 0.05, peak lr
 1e-4 (fine-tuning 1e-5), cosine with linear warm-up (2k steps; at most a tenth of a shorter
-run), cosine floor 1e-5 (stage 2: 5e-5), images 224 px (a model built for fine-tuning: 364).
+run), cosine floor 1e-5 (stage 2: 5e-5), images 224 px (a model built for fine-tuning: 364;
+`model.image_size` trains a source at another size, its ViT's position embeddings interpolated).
 
 Layout of --out DIR:
     config.json, model.safetensors, *_tokenizer/   the trained model (blip2lab.load(DIR))
@@ -41,6 +42,7 @@ from .data_sources import DataConfig, detect_format, open_data
 from .finetune import FinetuneConfig, apply_finetune, layer_decay_groups, merge_lora, save_lora_adapter, \
     trainable_summary
 from .loop import STATE_NAME, BatchStream, resolve_precision, train
+from .resolution import at_image_size
 from .streams import Prefetched, ShardStream
 
 __all__ = ["ModelConfig", "TrainRunConfig", "PRESETS", "resolve", "run", "load_model", "stage_losses",
@@ -69,6 +71,10 @@ class ModelConfig:
     # VQA data: the question also enters the Q-Former (the paper's VQA fine-tuning); None: the model's own
     qformer_question: Optional[bool] = None
     llm_max_len: Optional[int] = None  # LLM tokens of prompt + text; None: the model's llm.max_text_len
+    # The image size to train at; None: the model's own (a built model: build.vision.image_size).
+    # A source made at another size gets its ViT's position embeddings interpolated to the new
+    # grid, as the paper fine-tunes at 364 px a model pre-trained at 224 (training/resolution.py).
+    image_size: Optional[int] = None
 
 
 @dataclass
@@ -146,12 +152,15 @@ def load_model(cfg: TrainRunConfig, device: Optional[torch.device] = None) -> tu
     from . import sources
 
     m = cfg.model
-    if m.source is None:
-        model, proc = sources.fresh(m.build, m.qformer_tokenizer)
+    if m.source is None:  # built at the run's size directly: nothing learned to interpolate
+        vision = m.build.vision if m.image_size is None else replace(m.build.vision, image_size=m.image_size)
+        model, proc = sources.fresh(replace(m.build, vision=vision), m.qformer_tokenizer)
     elif m.source.endswith((".pth", ".pt")):
         model, proc = sources.lavis(m)
     else:
         model, proc = sources.opened(m.source)
+    if m.image_size is not None:
+        model, proc = at_image_size(model, proc, m.image_size)
     if cfg.stage == "stage2" and model.llm is None:
         if m.llm.kind == "none":
             raise ConfigError(f"stage 2 needs an LLM: {m.source or 'the built model'} has none; name one with "
