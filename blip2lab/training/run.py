@@ -17,7 +17,7 @@ run), cosine floor 1e-5 (stage 2: 5e-5), images 224 px (a model built for fine-t
 Layout of --out DIR:
     config.json, model.safetensors, *_tokenizer/   the trained model (blip2lab.load(DIR))
     run_config.json                                the resolved TrainRunConfig
-    lora_adapter/                                  LoRA runs: the LLM's adapter (peft, HF names)
+    lora_adapter/                                  LoRA runs: the adapters (one peft folder, HF names)
     train/                                         the loop's log.csv, tb/, checkpoint/
     summary.json                                   steps, final losses, data skips, parameters
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -325,14 +326,16 @@ def _report(dataset) -> str:
 
 
 def _save_result(cfg: TrainRunConfig, model: Blip2, proc: Blip2Processor, out: Path) -> None:
-    """The trained model as a blip2lab folder (LoRA merged; the LLM's adapter kept beside)."""
+    """The trained model as a blip2lab folder (LoRA merged; the adapters kept beside)."""
     from ..pipeline import Blip2Pipeline
 
     if cfg.finetune.quantize != "none":
         model = _dequantized(cfg, model)
-    if cfg.finetune.mode == "lora":
-        if "llm" in cfg.finetune.lora.targets:
+    if cfg.finetune.mode == "lora":  # the adapters in HF names first: merging takes them out of the model
+        try:
             save_lora_adapter(model, cfg.finetune.lora, out / "lora_adapter", base=cfg.model.source or "")
+        except ValueError as err:  # an adapter with no HF counterpart: a partial folder would unmerge wrongly
+            warnings.warn(f"no {out / 'lora_adapter'}: {err}; {out} holds every adapter merged", stacklevel=2)
         merge_lora(model)
     model.requires_grad_(False)
     if model.llm is not None:  # reopened in the precision it trained in, not the source file's
