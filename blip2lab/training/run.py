@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import Blip2Config, ConfigError, LLMConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from ..dtypes import pick_dtype
+from ..images import CropConfig
 from ..model import Blip2
 from ..processor import Blip2Processor
 from .data_sources import DataConfig, detect_format, open_data
@@ -198,16 +199,31 @@ def make_collate(proc: Blip2Processor, losses: tuple[str, ...], crop, qformer_qu
     transform, view = the epoch), the Q-Former text for stage-1 losses, and the processor's
     LLM rows for the LM loss (decoder_batch / encoder_decoder_batch; `prefix_lm`: T5's
     stage-2 prefix split, drawn from (seed, item, epoch))."""
-    def collate(items: list[dict]) -> dict:
-        pixels = torch.stack([proc.transform.view(it["image"], crop, it["index"], it["epoch"]) for it in items])
+    return _Collate(proc, tuple(losses), crop, qformer_question, prefix_lm, seed)
+
+
+@dataclass
+class _Collate:
+    """make_collate's function as an object: DataLoader workers started by spawn (macOS, or a
+    spawned process, whose children spawn too) receive it pickled, which a closure cannot be."""
+
+    proc: Blip2Processor
+    losses: tuple[str, ...]
+    crop: CropConfig
+    qformer_question: bool
+    prefix_lm: bool
+    seed: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        proc, losses = self.proc, self.losses
+        pixels = torch.stack([proc.transform.view(it["image"], self.crop, it["index"], it["epoch"]) for it in items])
         batch = {"pixels": pixels}  # (B, 3, S, S)
         if any(n != "lm" for n in losses):
             batch |= proc.qformer_text([it["text"] for it in items])
             batch["image_ids"] = torch.tensor([it["image_id"] for it in items])
         if "lm" in losses:
-            batch |= _llm_rows(proc, items, qformer_question, prefix_lm, seed)
+            batch |= _llm_rows(proc, items, self.qformer_question, self.prefix_lm, self.seed)
         return batch
-    return collate
 
 
 def _llm_rows(proc: Blip2Processor, items: list[dict], qformer_question: bool, prefix_lm: bool, seed: int) -> dict:
