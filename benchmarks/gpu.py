@@ -18,7 +18,11 @@ And one figure against another peer: stage1, the stage-1 training step (ITC + IT
 bf16 autocast) at the ViT-g + BERT-base Q-Former size against the LAVIS-style step
 (benchmarks/stage1_step.py, run as a subprocess: ours on cached ViT features, the peer
 recomputing the ViT every step; samples/s, the ratio, the ViT's share of the peer's step,
-peak CUDA memory and the two loss curves' agreement).
+peak CUDA memory and the two loss curves' agreement). And fine-tuning at the real size, no
+peer: finetune_paper, finetune_lora, finetune_lora_8bit, a few steps of `blip2lab train finetune`
+(its own code, training/run.py) on random weights of Salesforce/blip2-opt-2.7b's exact shape,
+Q-Former only (the paper's mode), LoRA on OPT, LoRA over 8-bit OPT (bitsandbytes); samples/s,
+peak CUDA memory beside the --plan estimate (benchmarks/finetune_step.py, as a subprocess).
 
 Precision as transformers runs BLIP-2: everything bf16 except the Q-Former box (query
 tokens, Q-Former, its text embeddings), kept in fp32 as `_keep_in_fp32_modules` names it;
@@ -32,8 +36,10 @@ sequences is reported with the peaked head (the timed runs) and, as a diagnostic
 plain random head (greedy), never assumed.
 
 Each part runs under its own time budget, in order of importance (OPT captioning, FlanT5
-captioning, stage 1, ITM, Q-Former, ViT); a failure or timeout is recorded in the JSON, which is
-rewritten after every figure, and the next part runs.
+captioning, stage 1, ITM, Q-Former, ViT, then fine-tuning, which needs a run of its own:
+`--parts finetune`, about 4 minutes); a failure or timeout is recorded in the JSON, which is
+rewritten after every figure, and the next part runs. The parts that run a subprocess (stage 1,
+fine-tuning) run it in its own process group, stopped whole when the budget runs out.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class Size:
     beams: int
     repeats: int  # timed runs per contender, after one untimed warm-up
     stage1: tuple  # benchmarks/stage1_step.py: size, batch, images, steps, warm-up steps
+    finetune: str  # benchmarks/finetune_step.py's size (its SIZES: batch, steps, images)
     budgets: dict = field(default_factory=dict)  # part -> seconds
     queries: int = 32
     text_len: int = 32  # ITM / Q-Former caption length
@@ -92,20 +99,22 @@ SIZES = {
         caption_batch=32, itm_batch=64, qformer_batch=32, vit_batch=32, new_tokens=30, beams=5, repeats=3,
         # Stage 1 at batch 128: the paper's per-GPU batch is ~105 (1,680 on 16 A100s for ViT-g); at 64
         # (2026-11-27, H200: 182 vs 284 ms a step) the Q-Former step was bound by launches, not flops.
-        stage1=("g", 128, 256, 30, 6),
-        budgets=dict(caption_opt=150, caption_t5=140, stage1=150, itm=40, qformer=25, vit=25)),
+        stage1=("g", 128, 256, 30, 6), finetune="real",
+        budgets=dict(caption_opt=150, caption_t5=140, stage1=150, itm=40, qformer=25, vit=25, finetune=330)),
     "tiny": Size(
         vision=(64, 2, 4, 128, 32, 8), qformer=(64, 2, 4, 128),
         opt=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=1000),
         t5=dict(d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128, vocab_size=1000),
         caption_batch=4, itm_batch=8, qformer_batch=4, vit_batch=4, new_tokens=30, beams=5, repeats=1,
-        stage1=("tiny", 8, 32, 6, 2),
-        budgets=dict(caption_opt=60, caption_t5=60, stage1=90, itm=30, qformer=30, vit=30), peaked_tokens=16),
+        stage1=("tiny", 8, 32, 6, 2), finetune="tiny",
+        budgets=dict(caption_opt=60, caption_t5=60, stage1=90, itm=30, qformer=30, vit=30, finetune=90),
+        peaked_tokens=16),
 }
-PARTS = ("caption_opt", "caption_t5", "stage1", "itm", "qformer", "vit")
+PARTS = ("caption_opt", "caption_t5", "stage1", "itm", "qformer", "vit", "finetune")
+FINETUNE_MODES = ("paper", "lora", "lora_8bit")
 FIGURES = {"caption_opt": ("caption_opt_greedy", "caption_opt_beam5"),
            "caption_t5": ("caption_t5_greedy", "caption_t5_beam5"), "stage1": ("stage1",), "itm": ("itm",),
-           "qformer": ("qformer",), "vit": ("vit",)}
+           "qformer": ("qformer",), "vit": ("vit",), "finetune": tuple(f"finetune_{m}" for m in FINETUNE_MODES)}
 # The Q-Former box, which transformers keeps in fp32 (Blip2PreTrainedModel._keep_in_fp32_modules,
 # plus the retrieval model's text embeddings that feed it).
 HF_FP32_CHILDREN = ("qformer", "embeddings")
@@ -453,29 +462,32 @@ def part_vit(size: Size, device: torch.device, dtype: torch.dtype, report: Repor
     report.figure("vit", figure_row(result, B, "img/s", max_abs_diff=diff, tolerance=tol, ok=diff <= tol, batch=B))
 
 
+def run_isolated(script: str, args: list[str]) -> None:
+    """benchmarks/`script` in a subprocess in its own session (it may spawn processes of its
+    own, for their own peak memory), so that a timeout stops all of them."""
+    cmd = [os.environ.get("PYTHON", sys.executable), str(HERE / script), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate()
+    except BaseException:  # the part's time budget (or ^C): stop the run and what it started
+        with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} exited with {proc.returncode}:\n{log[-3000:]}")
+
+
 def part_stage1(size: Size, device: torch.device, dtype: torch.dtype, report: Report) -> None:
-    """benchmarks/stage1_step.py in a subprocess (it spawns one process per contender, for
-    their own peak memory), in its own session so that a timeout stops all of them."""
+    """benchmarks/stage1_step.py (one process per contender) against the LAVIS-style step."""
     name, batch, images, steps, warmup = size.stage1
     with tempfile.TemporaryDirectory(prefix="blip2lab-stage1-") as tmp:
         out = Path(tmp) / "stage1.json"
-        cmd = [os.environ.get("PYTHON", sys.executable), str(HERE / "stage1_step.py"), "--size", name,
-               "--device", device.type, "--precision", "bf16" if dtype == torch.bfloat16 else "no",
-               "--batch", str(batch), "--images", str(images), "--steps", str(steps), "--warmup", str(warmup),
-               "--threads", str(min(8, os.cpu_count() or 1) if device.type == "cuda" else 1),  # the dry run: 1
-               "--contenders", "ours,lavis",
-               "--cache-dir", str(Path(tmp) / "cache"), "--json", str(out)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            log, _ = proc.communicate()
-        except BaseException:  # the part's time budget (or ^C): stop the run and its contenders
-            with contextlib.suppress(ProcessLookupError):  # the group may be gone already
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-        if proc.returncode != 0:
-            raise RuntimeError(f"stage1_step.py exited with {proc.returncode}:\n{log[-3000:]}")
+        run_isolated("stage1_step.py", [
+            "--size", name, "--device", device.type, "--precision", "bf16" if dtype == torch.bfloat16 else "no",
+            "--batch", str(batch), "--images", str(images), "--steps", str(steps), "--warmup", str(warmup),
+            "--threads", str(min(8, os.cpu_count() or 1) if device.type == "cuda" else 1),  # the dry run: 1
+            "--contenders", "ours,lavis", "--cache-dir", str(Path(tmp) / "cache"), "--json", str(out)])
         result = json.loads(out.read_text())
     ours, peer = result["runs"]["ours"], result["runs"]["lavis"]
     row = {"unit": "samples/s", "peer": "LAVIS-style step (benchmarks/lavis_style.py)", "size": name,
@@ -496,6 +508,37 @@ def part_stage1(size: Size, device: torch.device, dtype: torch.dtype, report: Re
           flush=True)
 
 
+def part_finetune(size: Size, device: torch.device, dtype: torch.dtype, report: Report) -> None:
+    """benchmarks/finetune_step.py: `blip2lab train finetune` at OPT-2.7B's shape in each mode
+    (one process per mode on a GPU). Its JSON is rewritten after every mode: what a timeout
+    cut short still reports the modes it finished."""
+    with tempfile.TemporaryDirectory(prefix="blip2lab-finetune-") as tmp:
+        out = Path(tmp) / "finetune.json"
+        try:
+            run_isolated("finetune_step.py", ["--size", size.finetune, "--device", device.type,
+                                              "--modes", ",".join(FINETUNE_MODES), "--json", str(out)])
+        finally:
+            errors = _finetune_figures(out, report)
+    if errors:
+        raise RuntimeError(f"fine-tuning modes failed: {errors}")
+
+
+def _finetune_figures(out: Path, report: Report) -> dict:
+    """finetune_step.py's modes as figures, one printed line each; returns its errors."""
+    result = json.loads(out.read_text()) if out.is_file() else {"modes": {}, "errors": {}}
+    for mode, row in result["modes"].items():
+        report.data["figures"][f"finetune_{mode}"] = row | {"repo": result["repo"],
+                                                           "checkpoint_s": result.get("checkpoint_s")}
+        if "skipped" in row:
+            print(f"{'finetune_' + mode:20s} skipped: {row['skipped']}", flush=True)
+            continue
+        print(f"{'finetune_' + mode:20s} {row['samples_per_s']:8.1f} samples/s at batch {row['batch']}  "
+              f"peak GB {_gb(row['peak_gb'])} (--plan {row['plan_gb']:.2f})  trainable {row['trainable']:,}",
+              flush=True)
+    report.write()
+    return result["errors"]
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -512,6 +555,16 @@ def meta(args, size: Size, device: torch.device, dtype: torch.dtype) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def part_runners(size: Size, device: torch.device, dtype: torch.dtype, report: Report) -> dict[str, Callable]:
+    return {"caption_opt": lambda: part_caption(size, "opt", device, dtype, report),
+            "caption_t5": lambda: part_caption(size, "t5", device, dtype, report),
+            "stage1": lambda: part_stage1(size, device, dtype, report),
+            "itm": lambda: part_itm(size, device, dtype, report),
+            "qformer": lambda: part_qformer(size, device, dtype, report),
+            "vit": lambda: part_vit(size, device, dtype, report),
+            "finetune": lambda: part_finetune(size, device, dtype, report)}
 
 
 def main() -> None:
@@ -536,12 +589,7 @@ def main() -> None:
     report = Report(Path(args.out), meta(args, size, device, dtype))
     print(f"blip2lab vs transformers {report.data['meta']['transformers']}, {report.data['meta'].get('gpu', 'cpu')}, "
           f"{report.data['meta']['dtype']}; results -> {args.out}", flush=True)
-    parts = {"caption_opt": lambda: part_caption(size, "opt", device, dtype, report),
-             "caption_t5": lambda: part_caption(size, "t5", device, dtype, report),
-             "stage1": lambda: part_stage1(size, device, dtype, report),
-             "itm": lambda: part_itm(size, device, dtype, report),
-             "qformer": lambda: part_qformer(size, device, dtype, report),
-             "vit": lambda: part_vit(size, device, dtype, report)}
+    parts = part_runners(size, device, dtype, report)
     names = args.parts.split(",")
     unknown = sorted(set(names) - set(PARTS))
     if unknown:

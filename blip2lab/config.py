@@ -69,6 +69,11 @@ class VisionConfig:
     # weights, for a checkpoint to fill (the open_clip and HF backends always start so).
     weights: Optional[str] = None
     image_size: int = 224  # the paper pre-trains at 224 px
+    # The size the tower's position embeddings were learned at, when fine-tuning moved them
+    # to `image_size` (bicubic over the patch grid, [CLS] kept: training/resolution.py; the
+    # paper fine-tunes at 364 px a tower pre-trained at 224, Sec. 4). None: not resized. A
+    # named open_clip architecture is then built at `image_size`, not its own size.
+    resized_from: Optional[int] = None
     patch_size: int = 14  # EVA ViT-g: 14 -> 16x16 patches + [CLS] = 257 tokens
     width: int = 1408  # D_v; 1408 for EVA ViT-g, 1024 for CLIP ViT-L
     layers: int = 39  # blocks the tower is built with
@@ -95,6 +100,8 @@ class VisionConfig:
                f"vision.backend must be 'open_clip', 'hf_blip2' or 'efficientnet', got {self.backend!r}")
         for name in ("image_size", "patch_size", "width", "layers", "heads"):
             _check(getattr(self, name) > 0, f"vision.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.resized_from is None or (self.resized_from > 0 and self.resized_from != self.image_size),
+               f"vision.resized_from must be None or a size > 0 other than vision.image_size, got {self.resized_from}")
         _check(self.image_size % self.patch_size == 0,
                f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size ({self.patch_size})")
         _check(self.backend == "efficientnet" or self.width % self.heads == 0,

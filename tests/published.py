@@ -8,7 +8,8 @@ field exactly as published, including the fields the file leaves at transformers
 the image token and `num_query_tokens`), random weights, the published processor and
 generation configs, and a tokenizer of the published class and vocabulary size whose
 special tokens sit at their published ids (`synthetic_tokenizer`: the real vocabularies
-are megabytes and not stored)."""
+are megabytes and not stored). `random_model` + `write_checkpoint` do the same at any size:
+benchmarks/finetune_step.py writes Salesforce/blip2-opt-2.7b's real shape so."""
 
 from __future__ import annotations
 
@@ -56,21 +57,33 @@ def llm_family(repo: str) -> str:
     return "bert" if is_retrieval(repo) else published(repo)["text_config"]["model_type"]
 
 
-def tiny_checkpoint(repo: str, out: Path, seed: int = 0) -> Path:
+def random_model(repo: str, config: dict, seed: int = 0):
+    """transformers' model of `repo`'s architecture for the config dict `config` (published or
+    shrunk), random weights, built on the default device (a GPU benchmark builds on CUDA)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
-    config = Blip2Config.from_dict(shrunk_config(repo))
     torch.manual_seed(seed)
-    model = (Blip2ForImageTextRetrieval if is_retrieval(repo) else Blip2ForConditionalGeneration)(config).eval()
-    with torch.no_grad():  # decisive logits: greedy choices far from ties, every weight nonzero
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    cls = Blip2ForImageTextRetrieval if is_retrieval(repo) else Blip2ForConditionalGeneration
+    return cls(Blip2Config.from_dict(config)).eval()
+
+
+def write_checkpoint(repo: str, model, out: Path) -> Path:
+    """`model` saved as `repo`'s hub folder: weights and config, the published processor and
+    generation configs, the synthetic tokenizer."""
     model.save_pretrained(str(out))
     for name in ("preprocessor_config.json", "processor_config.json", "generation_config.json"):
         if (ROOT / repo / name).is_file():
             shutil.copy(ROOT / repo / name, out / name)
     synthetic_tokenizer(repo, out)
     return out
+
+
+def tiny_checkpoint(repo: str, out: Path, seed: int = 0) -> Path:
+    model = random_model(repo, shrunk_config(repo), seed)
+    with torch.no_grad():  # decisive logits: greedy choices far from ties, every weight nonzero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return write_checkpoint(repo, model, out)
 
 
 # ---------------------------------------------------------------------------------------

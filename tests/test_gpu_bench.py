@@ -1,7 +1,9 @@
 """benchmarks/gpu.sh's CPU dry run (--tiny): the same code as the real-size GPU run, with
 the packages a bare CUDA machine lacks (open_clip, gradio, scipy, ...) made unimportable,
 writes a JSON with every figure, each compared, checked and timed; the stage-1 part runs
-benchmarks/stage1_step.py against the LAVIS-style step in a subprocess."""
+benchmarks/stage1_step.py against the LAVIS-style step in a subprocess, the fine-tuning part
+benchmarks/finetune_step.py (`blip2lab train finetune` on Salesforce/blip2-opt-2.7b's shape,
+shrunk) in the paper's mode and LoRA, its 8-bit mode skipped off CUDA."""
 
 import json
 import os
@@ -15,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # tokenizers and their dependencies only).
 ABSENT = ("open_clip", "gradio", "scipy", "faiss", "sklearn", "matplotlib", "pandas", "nbformat", "jupytext")
 FIGURES = ("caption_opt_greedy", "caption_opt_beam5", "caption_t5_greedy", "caption_t5_beam5", "itm", "qformer", "vit")
+FINETUNE = ("paper", "lora", "lora_8bit")
 
 
 def _blocking_python(tmp_path: Path) -> Path:
@@ -36,8 +39,9 @@ def test_tiny_dry_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["errors"] == {}, data["errors"]
-    assert all(part["status"] == "ok" for part in data["parts"].values()) and len(data["parts"]) == 6
-    assert set(data["figures"]) == set(FIGURES) | {"stage1"}
+    assert all(part["status"] == "ok" for part in data["parts"].values()) and len(data["parts"]) == 7
+    assert set(data["figures"]) == set(FIGURES) | {"stage1"} | {f"finetune_{m}" for m in FINETUNE}
+    _check_finetune({m: data["figures"].pop(f"finetune_{m}") for m in FINETUNE}, proc.stdout)
     stage1 = data["figures"].pop("stage1")
     assert stage1["blip2lab_per_s"] > 0 and stage1["lavis_style_per_s"] > 0 and "stage1" in proc.stdout
     assert abs(stage1["ratio"] - stage1["blip2lab_per_s"] / stage1["lavis_style_per_s"]) < 1e-9
@@ -54,6 +58,17 @@ def test_tiny_dry_run_writes_every_figure(tmp_path):
             assert row["ok"] and row["max_abs_diff"] <= row["tolerance"], name
     assert 0.0 <= data["figures"]["caption_opt_greedy"]["identical_share_plain_head"] <= 1.0
     assert data["meta"]["mode"] == "tiny" and data["meta"]["dtype"] == "bfloat16"
+
+
+def _check_finetune(rows: dict, stdout: str) -> None:
+    """Each mode trained its steps through `blip2lab train finetune`, with its figures."""
+    assert "CUDA" in rows.pop("lora_8bit")["skipped"] and "finetune_lora_8bit   skipped" in stdout
+    for mode, row in rows.items():
+        assert row["samples_per_s"] > 0 and row["plan_gb"] > 0 and row["peak_gb"] is None, mode  # None off CUDA
+        assert row["saved"] and len(row["losses"]) == row["steps"] == 3 and f"finetune_{mode}" in stdout, mode
+        assert row["repo"] == "Salesforce/blip2-opt-2.7b" and row["checkpoint_s"] > 0, mode
+    assert set(rows["paper"]["by_part"]) == {"ln_vision", "qformer", "llm.projection"}
+    assert set(rows["lora"]["by_part"]) == {"llm.model"}
 
 
 def test_peaked_ids_ignore_the_default_device():

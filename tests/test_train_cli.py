@@ -169,6 +169,20 @@ def test_bad_input_is_named_or_counted(data, tmp_path):
     assert code == 2
 
 
+def test_the_collate_pickles_for_spawned_workers(data):
+    """DataLoader workers started by spawn (macOS, a spawned process) get the collate pickled."""
+    import pickle
+
+    from PIL import Image
+
+    proc = blip2lab.load("shapes-opt").processor
+    collate = R.make_collate(proc, ("itc", "lm"), DataConfig().crop)
+    items = [{"image": Image.open(data["images"] / "img_000.png"), "text": "a red circle", "image_id": 0,
+              "index": 0, "epoch": 1}]
+    a, b = collate(items), pickle.loads(pickle.dumps(collate))(items)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_shard_cut_short_is_a_counted_skip(data, tmp_path):
     shards = sorted((data["root"] / "shards").glob("*.tar"))
     cut = tmp_path / "shard-cut.tar"

@@ -13,8 +13,11 @@ clear error on a CPU), as QLoRA does; `gradient_checkpointing` recomputes the Q-
 LLM's and an unfrozen image encoder's activations in the backward pass.
 
 After training, `merge_lora` folds the adapters into the base weights (a plain blip2lab model
-that the app opens), and `lora_adapter` gives them as a peft adapter in the Hugging Face
-layout (`language_model.*`, what `PeftModel.from_pretrained(Blip2ForConditionalGeneration)` reads).
+that the app opens), and `save_lora_adapter` writes them as one peft adapter of the whole
+BLIP-2 in the Hugging Face layout, what `PeftModel.from_pretrained(Blip2ForConditionalGeneration
+...)` reads: the LLM's under `language_model.*`, the Q-Former's under transformers' Q-Former
+names (`hf_modules`; our fused self-attention `qkv` is their query, key and value, each with
+the same A and its third of B's rows, which is exactly the fused update).
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..formats.hf import hf_table
+from ..formats.keys import keys_of
 
 __all__ = ["LoraSettings", "FinetuneConfig", "LORA_TARGETS", "QFORMER_LORA_TARGETS", "lora_targets",
-           "apply_finetune", "apply_lora", "merge_lora", "lora_state", "save_lora_adapter", "quantize_llm",
+           "apply_finetune", "apply_lora", "merge_lora", "lora_state", "save_lora_adapter", "hf_modules",
+           "hf_weight_rows", "quantize_llm",
            "layer_decay_groups", "vision_layer_id", "trainable_summary"]
 
 # Attention projections per LLM family (transformers' module names). peft's own defaults
@@ -188,34 +194,57 @@ def merge_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' weights under peft's saved names in the Hugging Face BLIP-2 layout:
-    `base_model.model.language_model.<path>.lora_A.weight` (our `llm.model.` is HF's
-    `language_model.`; Q-Former adapters keep our names under `qformer.`)."""
+def hf_modules(name: str, table: dict) -> tuple[str, ...]:
+    """The Hugging Face BLIP-2 modules of our linear layer `name`: `llm.model.X` is HF's
+    `language_model.X`; a Q-Former layer's come from formats.hf's key table `table` (several
+    for a fused projection, in the order of its rows)."""
+    if name.startswith("llm.model."):
+        return ("language_model." + name.removeprefix("llm.model."),)
+    theirs = table.get(name + ".weight")
+    if theirs is None:
+        raise ValueError(f"{name} has no Hugging Face BLIP-2 counterpart to put its adapter on")
+    return tuple(k.removesuffix(".weight") for k in keys_of(theirs))
+
+
+def hf_weight_rows(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """HF Q-Former weight key -> (our weight key, i, n): its rows are chunk i of n of ours."""
     out = {}
-    for key, value in model.state_dict().items():
-        if "lora_" not in key:
-            continue
-        key = key.replace(".default", "")
-        key = "language_model." + key.removeprefix("llm.model.") if key.startswith("llm.model.") else key
-        out["base_model.model." + key] = value.detach().contiguous().cpu()
+    for ours, theirs in hf_table(model.config.qformer).items():
+        keys = keys_of(theirs)
+        out |= {k: (ours, i, len(keys)) for i, k in enumerate(keys)}
+    return out
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' weights under peft's saved names in the Hugging Face BLIP-2 layout,
+    `base_model.model.<HF module>.lora_{A,B}.weight` (`hf_modules`). A fused projection's
+    update s B A, split by rows of B, is each of its parts' own update with the same A."""
+    table = hf_table(model.config.qformer)
+    out = {}
+    for name, layer in _lora_layers(model):
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
+        modules = hf_modules(name, table)
+        for module, rows in zip(modules, b.chunk(len(modules))):  # (out / n, r) each
+            # copies: a safetensors file holds no tensor twice, and the parts share A
+            out[f"base_model.model.{module}.lora_A.weight"] = a.detach().cpu().clone()
+            out[f"base_model.model.{module}.lora_B.weight"] = rows.detach().cpu().clone()
     return out
 
 
 def save_lora_adapter(model: nn.Module, lora: LoraSettings, path: str | Path, base: str = "") -> Path:
-    """A peft adapter folder (adapter_config.json + adapter_model.safetensors) of the LLM's
-    adapters, for the exported Hugging Face folder (PeftModel.from_pretrained)."""
+    """A peft adapter folder (adapter_config.json + adapter_model.safetensors) of every LoRA
+    adapter of `model`, the LLM's and the Q-Former's, for the exported Hugging Face folder
+    (PeftModel.from_pretrained); `target_modules` lists exactly the HF modules adapted."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    names = lora_targets(model, LoraSettings(targets=("llm",), target_modules=lora.target_modules))["llm"]
-    state = {k: v for k, v in lora_state(model).items() if ".language_model." in k}
+    state = lora_state(model)
     if not state:
-        raise ValueError("this model has no LoRA adapters on its LLM to save")
+        raise ValueError("this model has no LoRA adapters to save")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    pattern = r"language_model\..*\.(" + "|".join(re.escape(n) for n in names) + r")"
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern,
+    modules = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in state})
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules,
                         bias="none", base_model_name_or_path=base or None)
     config.save_pretrained(str(path))
     save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -38,6 +38,7 @@ import torch
 from ..config import Blip2Config, LLMConfig, from_dict
 from ..dtypes import pick_dtype
 from .finetune import apply_finetune, lora_targets, trainable_summary
+from .resolution import resized_vision
 from .run import TrainRunConfig, resolve_precision, stage_losses
 
 __all__ = ["Plan", "estimate", "format_plan", "model_config"]
@@ -88,6 +89,8 @@ def model_config(cfg: TrainRunConfig) -> tuple[Blip2Config, Optional[object]]:
             config = replace(config, llm=LLMConfig(kind=kind, name_or_path=f"language_model of {source}"))
     if cfg.stage == "stage2" and llm is None and m.llm.kind != "none":
         config, llm = replace(config, llm=m.llm), AutoConfig.from_pretrained(m.llm.name_or_path)
+    if m.image_size is not None:  # the run's image size: more image tokens for the Q-Former to read
+        config = replace(config, vision=resized_vision(config.vision, m.image_size))
     return config, llm
 
 

@@ -11,12 +11,13 @@ TensorBoard, accelerate) and saves a blip2lab folder that `blip2lab.load` opens.
 
 Presets follow the paper (Sec. 4, Table 7): AdamW (0.9, 0.98), weight decay 0.05, peak lr
 1e-4 (fine-tuning 1e-5), cosine with linear warm-up (2k steps; at most a tenth of a shorter
-run), cosine floor 1e-5 (stage 2: 5e-5), images 224 px (a model built for fine-tuning: 364).
+run), cosine floor 1e-5 (stage 2: 5e-5), images 224 px (a model built for fine-tuning: 364;
+`model.image_size` trains a source at another size, its ViT's position embeddings interpolated).
 
 Layout of --out DIR:
     config.json, model.safetensors, *_tokenizer/   the trained model (blip2lab.load(DIR))
     run_config.json                                the resolved TrainRunConfig
-    lora_adapter/                                  LoRA runs: the LLM's adapter (peft, HF names)
+    lora_adapter/                                  LoRA runs: the adapters (one peft folder, HF names)
     train/                                         the loop's log.csv, tb/, checkpoint/
     summary.json                                   steps, final losses, data skips, parameters
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -35,12 +37,14 @@ from torch import nn
 
 from ..config import Blip2Config, ConfigError, LLMConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from ..dtypes import pick_dtype
+from ..images import CropConfig
 from ..model import Blip2
 from ..processor import Blip2Processor
 from .data_sources import DataConfig, detect_format, open_data
 from .finetune import FinetuneConfig, apply_finetune, layer_decay_groups, merge_lora, save_lora_adapter, \
     trainable_summary
 from .loop import STATE_NAME, BatchStream, resolve_precision, train
+from .resolution import at_image_size
 from .streams import Prefetched, ShardStream
 
 __all__ = ["ModelConfig", "TrainRunConfig", "PRESETS", "resolve", "run", "load_model", "stage_losses",
@@ -69,6 +73,10 @@ class ModelConfig:
     # VQA data: the question also enters the Q-Former (the paper's VQA fine-tuning); None: the model's own
     qformer_question: Optional[bool] = None
     llm_max_len: Optional[int] = None  # LLM tokens of prompt + text; None: the model's llm.max_text_len
+    # The image size to train at; None: the model's own (a built model: build.vision.image_size).
+    # A source made at another size gets its ViT's position embeddings interpolated to the new
+    # grid, as the paper fine-tunes at 364 px a model pre-trained at 224 (training/resolution.py).
+    image_size: Optional[int] = None
 
 
 @dataclass
@@ -146,12 +154,15 @@ def load_model(cfg: TrainRunConfig, device: Optional[torch.device] = None) -> tu
     from . import sources
 
     m = cfg.model
-    if m.source is None:
-        model, proc = sources.fresh(m.build, m.qformer_tokenizer)
+    if m.source is None:  # built at the run's size directly: nothing learned to interpolate
+        vision = m.build.vision if m.image_size is None else replace(m.build.vision, image_size=m.image_size)
+        model, proc = sources.fresh(replace(m.build, vision=vision), m.qformer_tokenizer)
     elif m.source.endswith((".pth", ".pt")):
         model, proc = sources.lavis(m)
     else:
         model, proc = sources.opened(m.source)
+    if m.image_size is not None:
+        model, proc = at_image_size(model, proc, m.image_size)
     if cfg.stage == "stage2" and model.llm is None:
         if m.llm.kind == "none":
             raise ConfigError(f"stage 2 needs an LLM: {m.source or 'the built model'} has none; name one with "
@@ -188,16 +199,31 @@ def make_collate(proc: Blip2Processor, losses: tuple[str, ...], crop, qformer_qu
     transform, view = the epoch), the Q-Former text for stage-1 losses, and the processor's
     LLM rows for the LM loss (decoder_batch / encoder_decoder_batch; `prefix_lm`: T5's
     stage-2 prefix split, drawn from (seed, item, epoch))."""
-    def collate(items: list[dict]) -> dict:
-        pixels = torch.stack([proc.transform.view(it["image"], crop, it["index"], it["epoch"]) for it in items])
+    return _Collate(proc, tuple(losses), crop, qformer_question, prefix_lm, seed)
+
+
+@dataclass
+class _Collate:
+    """make_collate's function as an object: DataLoader workers started by spawn (macOS, or a
+    spawned process, whose children spawn too) receive it pickled, which a closure cannot be."""
+
+    proc: Blip2Processor
+    losses: tuple[str, ...]
+    crop: CropConfig
+    qformer_question: bool
+    prefix_lm: bool
+    seed: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        proc, losses = self.proc, self.losses
+        pixels = torch.stack([proc.transform.view(it["image"], self.crop, it["index"], it["epoch"]) for it in items])
         batch = {"pixels": pixels}  # (B, 3, S, S)
         if any(n != "lm" for n in losses):
             batch |= proc.qformer_text([it["text"] for it in items])
             batch["image_ids"] = torch.tensor([it["image_id"] for it in items])
         if "lm" in losses:
-            batch |= _llm_rows(proc, items, qformer_question, prefix_lm, seed)
+            batch |= _llm_rows(proc, items, self.qformer_question, self.prefix_lm, self.seed)
         return batch
-    return collate
 
 
 def _llm_rows(proc: Blip2Processor, items: list[dict], qformer_question: bool, prefix_lm: bool, seed: int) -> dict:
@@ -316,14 +342,16 @@ def _report(dataset) -> str:
 
 
 def _save_result(cfg: TrainRunConfig, model: Blip2, proc: Blip2Processor, out: Path) -> None:
-    """The trained model as a blip2lab folder (LoRA merged; the LLM's adapter kept beside)."""
+    """The trained model as a blip2lab folder (LoRA merged; the adapters kept beside)."""
     from ..pipeline import Blip2Pipeline
 
     if cfg.finetune.quantize != "none":
         model = _dequantized(cfg, model)
-    if cfg.finetune.mode == "lora":
-        if "llm" in cfg.finetune.lora.targets:
+    if cfg.finetune.mode == "lora":  # the adapters in HF names first: merging takes them out of the model
+        try:
             save_lora_adapter(model, cfg.finetune.lora, out / "lora_adapter", base=cfg.model.source or "")
+        except ValueError as err:  # an adapter with no HF counterpart: a partial folder would unmerge wrongly
+            warnings.warn(f"no {out / 'lora_adapter'}: {err}; {out} holds every adapter merged", stacklevel=2)
         merge_lora(model)
     model.requires_grad_(False)
     if model.llm is not None:  # reopened in the precision it trained in, not the source file's

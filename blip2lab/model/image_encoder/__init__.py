@@ -12,13 +12,14 @@ weights come in through `blip2lab.formats` (`build_model`, the checkpoint loader
 from __future__ import annotations
 
 from ...config import ConfigError, VisionConfig
-from .base import ImageEncoder, absolute_index, square
+from .base import POS_EMBED_NAMES, ImageEncoder, absolute_index, interpolate_pos_embed, square
 from .efficientnet import EfficientNetImageEncoder, efficientnet_taps
 from .hf_vision import HFBlip2ImageEncoder
 from .open_clip import OpenClipImageEncoder, build_open_clip_tower
 
 __all__ = ["ImageEncoder", "OpenClipImageEncoder", "HFBlip2ImageEncoder", "EfficientNetImageEncoder",
-           "build_image_encoder", "build_open_clip_tower", "efficientnet_taps", "square", "absolute_index"]
+           "build_image_encoder", "build_open_clip_tower", "efficientnet_taps", "square", "absolute_index",
+           "interpolate_pos_embed", "POS_EMBED_NAMES"]
 
 
 def build_image_encoder(cfg: VisionConfig, load_weights=None) -> ImageEncoder:

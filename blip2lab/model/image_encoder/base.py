@@ -14,9 +14,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ImageEncoder", "square", "absolute_index"]
+__all__ = ["ImageEncoder", "square", "absolute_index", "interpolate_pos_embed", "POS_EMBED_NAMES"]
+
+# What the towers call their position table: transformers' Blip2VisionModel, open_clip's
+# VisionTransformer, timm's ViT / EVA trunks (open_clip's EVA01-g-14).
+POS_EMBED_NAMES = ("position_embedding", "positional_embedding", "pos_embed")
 
 
 class ImageEncoder(nn.Module):
@@ -117,3 +122,21 @@ def absolute_index(layer_index: int, depth: int, what: str) -> int:
     if not -depth <= layer_index < depth:
         raise ValueError(f"layer_index {layer_index} is outside a {what} of {depth} blocks")
     return layer_index % depth
+
+
+def interpolate_pos_embed(pos: Tensor, old_grid: int, new_grid: int) -> Tensor:
+    """A ViT's position embeddings (..., P + old_grid^2, D) on another patch grid: the P prefix
+    rows ([CLS], registers) kept as they are, the 2-D grid of the others resized bicubically
+    (align_corners=False, no antialias), as LAVIS's `interpolate_pos_embed` and transformers'
+    `interpolate_pos_encoding` do to fine-tune at 364 px a tower pre-trained at 224 (paper
+    Sec. 4). Computed in fp32, returned in the input's dtype."""
+    prefix = pos.shape[-2] - old_grid**2
+    if prefix < 0:
+        raise ValueError(f"{pos.shape[-2]} positions are fewer than a {old_grid}x{old_grid} grid")
+    D = pos.shape[-1]
+    rows = pos.reshape(-1, pos.shape[-2], D)  # (L, P + g^2, D), L the leading dims (1 or none)
+    grid = rows[:, prefix:].reshape(-1, old_grid, old_grid, D).permute(0, 3, 1, 2).float()  # (L, D, g, g)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(-1, new_grid**2, D).to(pos.dtype)  # (L, g'^2, D)
+    out = torch.cat([rows[:, :prefix], grid], dim=1)  # (L, P + g'^2, D)
+    return out.reshape(*pos.shape[:-2], prefix + new_grid**2, D)

@@ -134,7 +134,8 @@ class OpenClipImageEncoder(ImageEncoder):
         """A randomly initialised tower shaped by `cfg` (weights come from a loader later).
 
         `cfg.model_name` set: open_clip's named architecture, whose geometry must agree with
-        `cfg` (the rest of the model sizes itself from `cfg`, e.g. the Q-Former's D_v).
+        `cfg` (the rest of the model sizes itself from `cfg`, e.g. the Q-Former's D_v); a tower
+        fine-tuned at another size (`cfg.resized_from`) is built at `cfg.image_size`.
         Otherwise: a plain open_clip `VisionTransformer` of cfg's sizes.
         """
         import open_clip
@@ -143,11 +144,14 @@ class OpenClipImageEncoder(ImageEncoder):
             # Check the image size from the architecture's JSON before building (EVA-g is 1B params).
             known = open_clip.get_model_config(cfg.model_name)  # None for unknown / 'local-dir:' names
             size = (known or {}).get("vision_cfg", {}).get("image_size")
-            if size is not None and square(size, "images") != cfg.image_size:
-                raise ConfigError(f"vision.image_size is {cfg.image_size} but open_clip model {cfg.model_name!r} "
+            native = cfg.resized_from or cfg.image_size
+            if size is not None and square(size, "images") != native:
+                raise ConfigError(f"vision.image_size is {native} but open_clip model {cfg.model_name!r} "
                                   f"has {square(size, 'images')}; set --model.vision.image_size={size}")
+            force = cfg.image_size if cfg.resized_from else None  # open_clip's own switch for another grid
             try:
-                visual = open_clip.create_model(cfg.model_name, pretrained=None).visual  # never downloads
+                visual = open_clip.create_model(cfg.model_name, pretrained=None,  # never downloads
+                                                force_image_size=force).visual
             except RuntimeError as err:
                 raise ConfigError(f"vision.model_name {cfg.model_name!r}: open_clip cannot build it "
                                   f"(names: open_clip.list_models())") from err
