@@ -89,7 +89,7 @@ def test_shipped_preset_is_what_the_shipped_models_recorded_and_quick_is_it_shor
     # shorter run, bf16): every other field equal.
     recorded = json.loads((recipe.BACKBONES.parent / "shapes-opt" / "recipe.json").read_text())["preset"]
     recorded.setdefault("precision", "no")  # recorded before the field existed: they trained in fp32
-    recorded.setdefault("stage2_prefix_lm", False)  # likewise: "a photo of" -> caption
+    recorded.setdefault("stage2_prefix_lm", 0.0)  # likewise: "a photo of" -> caption
     recorded.setdefault("stage2_paraphrases", False)  # likewise: the canonical caption
     recorded.setdefault("visual_prompt_norm", "none")  # likewise: the paper's prompt
     shipped = dataclasses.asdict(recipe.PRESETS["shipped"])

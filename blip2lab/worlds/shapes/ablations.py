@@ -250,7 +250,7 @@ def run_stage2(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Run | T
         return _RUNS[key]
     model, processor = stage2_model(preset, kind, stage1, seed, backbones)
     scenes, feats = train_features(preset, seed, backbones)
-    prefix_lm = preset.stage2_prefix_lm and kind == "t5"
+    prefix_lm = preset.stage2_prefix_lm if kind == "t5" else 0.0
     data = BatchStream(R.Stage2Data(feats, scenes, preset.stage2_vqa_fraction, seed, prefix_lm,
                                     preset.stage2_paraphrases), preset.stage2_batch,
                        R.stage2_collate(processor, model.config.qformer_question), seed=seed)

@@ -80,11 +80,12 @@ class ShapesPreset:
     # The LM loss averaged per item, then over items (TrainConfig.lm_per_item; a deviation):
     # a caption has ~27 target tokens, an answer 1-3, so per token the answers barely count.
     stage2_lm_per_item: bool = False
-    # The paper's stage-2 objective for an encoder-decoder LLM (Sec. 3.3): a caption is split at
-    # a random word into a prefix, given to the encoder after the visual prompt, and the suffix,
-    # the target (prefix LM). False: "a photo of" -> the whole caption (the captioning layout,
-    # which the shipped shapes-t5 trained with). Decoder-only LLMs ignore it.
-    stage2_prefix_lm: bool = False
+    # The share of stage-2 caption items in the paper's objective for an encoder-decoder LLM
+    # (Sec. 3.3, prefix LM): the caption split at a random word into a prefix, given to the
+    # encoder after the visual prompt, and the suffix, the target. The others: "a photo of" ->
+    # the whole caption (the captioning layout, all the shipped shapes-t5 trained with), which
+    # captioning then asks for. Decoder-only LLMs ignore it.
+    stage2_prefix_lm: float = 0.0
     # Stage-2 caption items as a paraphrase drawn per item (as stage 1's texts), not always the
     # canonical caption: web captions, the paper's stage-2 data, say the same scene many ways.
     stage2_paraphrases: bool = False
@@ -122,7 +123,8 @@ PRESETS = {
     # paper's prefix LM; the visual prompt at the word embeddings' scale (a deviation:
     # docs/ablations.md, zero-shot VQA, measures it on and off).
     "zeroshot": replace(_SHIPPED, name="zeroshot", stage2_vqa_fraction=0.0, stage2_qformer_question=False,
-                        stage2_prefix_lm=True, visual_prompt_norm="embedding", stage2_steps=2400),
+                        stage2_prefix_lm=0.5, stage2_paraphrases=True, visual_prompt_norm="embedding",
+                        stage2_steps=2400),
     "quick": replace(_SHIPPED, name="quick", n_train=10_000, stage1_steps=400, stage1_lr=2e-3, stage2_steps=1500,
                      precision="auto"),
 }
@@ -256,7 +258,7 @@ class Stage2Data(Dataset):
     `vqa_fraction`, VQA items ("Question: {q} Answer:" -> the answer), from (seed, index)."""
 
     def __init__(self, features: torch.Tensor, scenes: list, vqa_fraction: float, seed: int = 0,
-                 prefix_lm: bool = False, paraphrases: bool = False):
+                 prefix_lm: float = 0.0, paraphrases: bool = False):
         self.features, self.scenes, self.vqa_fraction, self.seed = features, scenes, vqa_fraction, seed
         self.prefix_lm, self.paraphrases = prefix_lm, paraphrases
 
@@ -270,7 +272,7 @@ class Stage2Data(Dataset):
             q, a, _ = rng.choice(world.questions(scene, rng, allow_held_out=False))
             return {"image_embeds": self.features[i], "question": q, "answer": a}
         text = world.paraphrases(scene, rng) if self.paraphrases else world.caption(scene)
-        if self.prefix_lm:
+        if self.prefix_lm and rng.random() < self.prefix_lm:
             prefix, suffix = Blip2Processor.prefix_split(text, rng)
             return {"image_embeds": self.features[i], "question": None, "prompt": prefix, "answer": suffix}
         return {"image_embeds": self.features[i], "question": None, "answer": text}
@@ -361,7 +363,7 @@ def _run_stage(out: Path, model: Blip2, processor: Blip2Processor, stage: int, p
     if stage == 1:
         data = stage1_stream(features, scenes, preset, processor, seed)
     else:
-        prefix_lm = preset.stage2_prefix_lm and model.llm.kind == "encoder_decoder"
+        prefix_lm = preset.stage2_prefix_lm if model.llm.kind == "encoder_decoder" else 0.0
         data = BatchStream(Stage2Data(features, scenes, preset.stage2_vqa_fraction, seed, prefix_lm,
                                       preset.stage2_paraphrases), cfg.batch_size,
                            stage2_collate(processor, model.config.qformer_question), seed=seed)
