@@ -38,6 +38,7 @@ __all__ = [
     "normalize_answer",
     "vqa_score",
     "vqa_accuracy",
+    "prior_accuracy",
     "retrieval_scores",
     "recall_at_k",
     "retrieval_eval",
@@ -244,6 +245,20 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]],
             by_type.setdefault(t, []).append(s)
         out |= {f"accuracy/{t}": sum(v) / len(v) for t, v in sorted(by_type.items())}
     return out
+
+
+def prior_accuracy(answers: Sequence[Sequence[str]], types: Sequence[str]) -> dict[str, float]:
+    """The question-type prior, the chance level of a VQA score: `vqa_accuracy` of answering
+    every question of a type with that type's most common (normalised) first reference
+    answer among these questions. {"accuracy": ..., "accuracy/<type>": ...}."""
+    if len(answers) != len(types):
+        raise ValueError(f"prior_accuracy: {len(answers)} answer lists, {len(types)} types; they must match")
+    counts: dict[str, dict[str, int]] = {}
+    for refs, t in zip(answers, types):
+        best = counts.setdefault(t, {})
+        best[normalize_answer(refs[0])] = best.get(normalize_answer(refs[0]), 0) + 1
+    majority = {t: max(c, key=c.get) for t, c in counts.items()}
+    return vqa_accuracy([majority[t] for t in types], answers, types)
 
 
 # -- retrieval ---------------------------------------------------------------------------

@@ -163,7 +163,9 @@ def test_findings_share_the_full_stage1_and_write_three_tables(tmp_path):
         assert {(r["stage1"], r["step"]) for r in out[name]} == {(True, 2), (False, 2)}
         assert all("vqa/count" in r and "caption_f1" in r for r in out[name])
         assert json.loads((tmp_path / f"{name}.json").read_text())["rows"] == json.loads(json.dumps(out[name]))
-    assert json.loads((tmp_path / "figure5_vqa.json").read_text())["preset"]["stage2_vqa_fraction"] == 0.5
+    saved = json.loads((tmp_path / "figure5_vqa.json").read_text())
+    assert saved["preset"]["stage2_vqa_fraction"] == 0.5 and saved["command"] == "called from Python"
+    assert len(saved["timings"]) == 3 + 4 and all(t.get("stage1_s", t.get("stage2_s", -1)) >= 0 for t in saved["timings"])
 
 
 def test_two_workers_give_the_rows_of_one_process(stage1_run, tmp_path):

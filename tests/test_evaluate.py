@@ -98,6 +98,16 @@ def test_vqa_accuracy_per_type():
         E.vqa_accuracy(preds, answers[:2])
 
 
+def test_prior_accuracy_is_the_majority_answer_per_type():
+    answers = [["yes"], ["Yes."], ["no"], ["two"], ["three"], ["two"]]
+    types = ["exists", "exists", "exists", "count", "count", "count"]
+    out = E.prior_accuracy(answers, types)  # "yes" (normalised) for exists, "two" for count
+    assert out["accuracy/exists"] == pytest.approx(2 / 3) and out["accuracy/count"] == pytest.approx(2 / 3)
+    assert out["accuracy"] == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="must match"):
+        E.prior_accuracy(answers, types[:2])
+
+
 def test_vqa_official_references_mode():
     # vqaEval.py leaves unanimous references untouched (VQAv2 annotations come normalised):
     # a raw "Two" from ten humans never matches the normalised prediction "2" there.

@@ -44,6 +44,8 @@ import json
 import math
 import multiprocessing
 import random
+import shlex
+import sys
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -348,8 +350,12 @@ def write_rows(out_dir: str | Path, name: str, rows: list[dict], meta: dict) -> 
     return out / f"{name}.json"
 
 
+_COMMAND: list[Optional[str]] = [None]  # the command line of a sweep run by `main`, recorded in its results
+
+
 def _meta(name: str, preset: R.ShapesPreset, start: float, workers: int, **extra) -> dict:
-    return {"sweep": name, "preset": asdict(preset), "seconds": round(time.perf_counter() - start, 1),
+    return {"sweep": name, "command": _COMMAND[0] or "called from Python", "preset": asdict(preset),
+            "seconds": round(time.perf_counter() - start, 1),
             "threads": 1 if workers > 1 else torch.get_num_threads(), "workers": max(1, workers),
             "torch": torch.__version__, **extra}
 
@@ -635,13 +641,14 @@ def findings(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] =
     eval_at = list(eval_at or [max(1, round(preset.stage2_steps * f)) for f in (0.25, 0.5, 0.75, 1.0)])
     n_eval = n_eval or preset.n_eval
     variant = replace(preset, stage2_vqa_fraction=vqa_fraction)
-    rows6, curves, full = [], {}, "ITC+ITM+ITG"
+    rows6, curves, full, timings = [], {}, "ITC+ITM+ITG", []
     with _jobs(workers) as jobs:
         stage1 = {_submit(jobs, _stage1_and_row_job, name, replace(preset, stage1_losses=tuple(losses)), seed,
                           eval_seed): (name, seed) for name, losses in LOSS_SETS.items() for seed in seeds}
         for done in as_completed(stage1):
             (name, seed), (row, trained) = stage1[done], done.result()
             rows6.append(row)
+            timings.append({"losses": name, "seed": seed, "stage1_s": row["train_s"]})
             _log(verbose, f"table6 {name} seed {seed}: itc R@1 {row['itc/txt_r1']:.3f}/{row['itc/img_r1']:.3f}, "
                           f"hard itm R@1 {row['hard/itm/txt_r1']:.3f}/{row['hard/itm/img_r1']:.3f}")
             if name != full:
@@ -653,8 +660,13 @@ def findings(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] =
                             jobs, _figure5_job, p, kind, s1, seed, eval_at, n_eval, eval_seed)
         out = {"table6": sorted(rows6, key=lambda r: (list(LOSS_SETS).index(r["losses"]), r["seed"]))}
         for sweep in ("figure5", "figure5_vqa"):
-            out[sweep] = [r for key in sorted(k for k in curves if k[0] == sweep) for r in curves[key].result()[0]]
-    meta = dict(seeds=list(seeds), kinds=list(kinds), eval_at=eval_at, n_eval=n_eval, eval_seed=eval_seed)
+            keys = sorted(k for k in curves if k[0] == sweep)
+            out[sweep] = [r for key in keys for r in curves[key].result()[0]]
+            timings += [{"sweep": sweep, "seed": seed, "llm": kind, "stage1": with_stage1,
+                         "stage2_s": round(curves[sweep, seed, kind, with_stage1].result()[1], 1)}
+                        for _, seed, kind, with_stage1 in keys]
+    meta = dict(seeds=list(seeds), kinds=list(kinds), eval_at=eval_at, n_eval=n_eval, eval_seed=eval_seed,
+                timings=timings)
     for name, rows in out.items():
         write_rows(out_dir, name, rows, _meta(name, variant if name == "figure5_vqa" else preset, start, workers,
                                               **meta))
@@ -675,6 +687,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process (with --workers 1)")
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each for the sweep's jobs")
     args = p.parse_args(argv)
+    _COMMAND[0] = shlex.join(["python", "-m", "blip2lab.worlds.shapes.ablations",
+                              *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     preset = R.preset_with(args.preset, args.set)
     seeds = [int(s) for s in args.seeds.split(",")]

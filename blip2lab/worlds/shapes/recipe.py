@@ -400,15 +400,19 @@ def eval_captions(pipe: Blip2Pipeline, scenes: list, batch: int = 64, **decoding
 
 
 def eval_vqa(pipe: Blip2Pipeline, scenes: list, batch: int = 64, **decoding) -> dict:
-    """VQA accuracy (official normalisation; one reference answer each) per question type."""
-    from blip2lab.evaluate import vqa_accuracy
+    """VQA accuracy (official normalisation; one reference answer each) per question type, and
+    the chance level beside it: each type's most common answer on these questions
+    ("chance", "chance/<type>": `evaluate.prior_accuracy`)."""
+    from blip2lab.evaluate import prior_accuracy, vqa_accuracy
 
     items = [(i, q, a, t) for i, s in enumerate(scenes) for q, a, t in world.questions(s, random.Random(i))]
     preds = []
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         preds += pipe.answer([world.render(scenes[i]) for i, *_ in chunk], [q for _, q, _, _ in chunk], **decoding)
-    return vqa_accuracy(preds, [[a] for *_, a, _ in items], [t for *_, t in items]) | {"questions": len(items)}
+    refs, types = [[a] for *_, a, _ in items], [t for *_, t in items]
+    chance = {k.replace("accuracy", "chance"): v for k, v in prior_accuracy(refs, types).items()}
+    return vqa_accuracy(preds, refs, types) | chance | {"questions": len(items)}
 
 
 def eval_retrieval(pipe: Blip2Pipeline, scenes: list, k_test: int) -> dict:
