@@ -133,6 +133,20 @@ def test_localisation_rows(stage1_run):
     assert summary["chance"]["n"] == len(rows)
 
 
+def test_figure5_from_a_stage1_folder_starts_from_its_weights(stage1_run, tmp_path):
+    """The live notebook's Figure 5: every seed's stage 2 starts from a saved stage-1 folder
+    (models/shapes-stage1 there), the same weights as the run that was saved."""
+    stage1_run.pipe.save(tmp_path / "stage1")
+    start = A.Trained.from_folder(tmp_path / "stage1").state_dict()
+    for k, v in A.Trained.of(stage1_run).state_dict().items():
+        assert torch.equal(start[k], v), k
+    model, _ = A.stage2_model(MICRO, "opt", A.Trained.from_folder(tmp_path / "stage1"))
+    assert torch.equal(model.state_dict()["qformer.query_tokens"], start["qformer.query_tokens"])
+    rows = A.figure5(tmp_path, MICRO, seeds=(0, 1), kinds=("opt",), eval_at=(2,), n_eval=2, verbose=False,
+                     stage1_from=tmp_path / "stage1")
+    assert [(r["seed"], r["stage1"]) for r in rows] == [(0, True), (0, False), (1, True), (1, False)]
+
+
 def test_ablation_runners_write_their_rows(stage1_run, tmp_path):
     assert len(stage1_run.history) == MICRO.stage1_steps
     rows = A.figure5(tmp_path, MICRO, seeds=(0,), kinds=("opt",), eval_at=(1, 2), n_eval=2, verbose=False)

@@ -56,7 +56,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from blip2lab.model.blip2 import Blip2
-from blip2lab.pipeline import Blip2Pipeline
+from blip2lab.pipeline import Blip2Pipeline, load
 from blip2lab.training.loop import BatchStream, train
 from blip2lab.worlds.shapes import recipe as R
 from blip2lab.worlds.shapes import world
@@ -92,6 +92,12 @@ class Trained:
 
         state = {k: v.contiguous() for k, v in run.pipe.model.state_dict().items() if not k.startswith("image_encoder.")}
         return cls(run.key, run.seconds, save(state))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Trained":
+        """A stage-1 model saved to a folder (e.g. models/shapes-stage1), as a sweep's start."""
+        run = Run(load(folder), [], key=f"folder:{Path(folder).resolve()}")
+        return cls.of(run)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
@@ -134,11 +140,15 @@ def _submit(jobs: Executor, fn: Callable, *args) -> Future:
     they depend on (presets, seeds, folders, `Trained.key`)."""
     key = repr((fn.__qualname__, args))
     if key in _RESULTS:
-        done: Future = Future()
-        done.set_result(_RESULTS[key])
-        return done
+        return _done(_RESULTS[key])
     future = jobs.submit(fn, *args)
     future.add_done_callback(lambda f: f.exception() is None and _RESULTS.setdefault(key, f.result()))
+    return future
+
+
+def _done(result) -> Future:
+    future: Future = Future()
+    future.set_result(result)
     return future
 
 
@@ -392,12 +402,15 @@ def _figure5_job(preset: R.ShapesPreset, kind: R.LLMKind, stage1: Optional[Train
 
 def figure5(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = (0, 1, 2),
             kinds: Sequence[R.LLMKind] = ("opt", "t5"), eval_at: Optional[Sequence[int]] = None,
-            n_eval: Optional[int] = None, eval_seed: int = 0, workers: int = 1, verbose: bool = True) -> list[dict]:
+            n_eval: Optional[int] = None, eval_seed: int = 0, workers: int = 1, verbose: bool = True,
+            stage1_from: Optional[str | Path] = None) -> list[dict]:
     """The paper's Figure 5: for each seed, stage 1 once, then stage 2 on each LLM family
     from the stage-1 Q-Former and from the BERT-initialised one, the same stage-2 steps;
     caption object-F1 and VQA accuracy on seen test scenes at the `eval_at` stage-2 steps
     (default: quarters of preset.stage2_steps). Rows: seed, llm, stage1, step, metrics.
-    With workers > 1 a seed's four stage-2 runs start as soon as its stage 1 is done."""
+    With workers > 1 a seed's four stage-2 runs start as soon as its stage 1 is done.
+    `stage1_from`: a stage-1 folder (models/shapes-stage1) every seed starts from instead
+    of a stage 1 of its own (the seed then varies stage 2 only)."""
     start = time.perf_counter()
     eval_at = list(eval_at or [max(1, round(preset.stage2_steps * f)) for f in (0.25, 0.5, 0.75, 1.0)])
     n_eval = n_eval or preset.n_eval
@@ -405,7 +418,11 @@ def figure5(out_dir: str | Path, preset: R.ShapesPreset, seeds: Sequence[int] = 
     curves: dict[tuple, Future] = {}
     stage1_s: dict[int, float] = {}
     with _jobs(workers) as jobs:
-        firsts = {_submit(jobs, _stage1_job, preset, seed, R.BACKBONES): seed for seed in seeds}
+        if stage1_from is None:
+            firsts = {_submit(jobs, _stage1_job, preset, seed, R.BACKBONES): seed for seed in seeds}
+        else:
+            start_from = Trained.from_folder(stage1_from)
+            firsts = {_done(start_from): seed for seed in seeds}
         for done in as_completed(firsts):
             seed, s1 = firsts[done], done.result()
             stage1_s[seed] = round(s1.seconds, 1)
