@@ -220,7 +220,7 @@ def test_caption_maps_selectors_words_and_raw_maps(loaded):
         caption_tab.caption_maps(image, "999")
 
     text = "a small green circle on the top right"
-    words, cam_image, info, npz = caption_tab.gradcam(image, text, "last", "all")
+    words, cam_image, info, npz = caption_tab.gradcam(image, text, "last", word="all")
     assert [w for w, _ in words] == text.split() and max(s for _, s in words) == 1.0
     assert "the whole text" in info and "log-odds" in info
     assert caption_tab.log_odds(0.5) == 0 and abs(caption_tab.log_odds(0.962) - 3.23) < 0.01
