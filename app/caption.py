@@ -220,9 +220,9 @@ def _outputs(num_queries: int) -> dict:
         out["big"] = gr.Image(label="Cross-attention (large overlay)", interactive=False, height=320,
                               elem_id="attention-overlay")
         out["cam"] = gr.Image(label="Grad-CAM", interactive=False, height=320, elem_id="gradcam-overlay")
-    rows = -(-num_queries // 8)  # every row shown: 8 maps of ~120 px per row, no scrolling
-    out["small"] = gr.Gallery(label="Every query", columns=8, rows=rows, height=60 + 130 * rows, allow_preview=False,
-                              elem_id="query-maps")
+    rows = -(-num_queries // 6)  # every map in view: Gradio's tiles are >= ~100 px, so 6 (~122 px) fit a row
+    out["small"] = gr.Gallery(label="Every query", columns=6, rows=rows, height=64 + 132 * rows, allow_preview=False,
+                              object_fit="contain", elem_id="query-maps")
     out["words"] = gr.HighlightedText(label="Words (click one for its Grad-CAM map)", show_legend=False,
                                       combine_adjacent=False)
     out["info"] = gr.Markdown(elem_id="caption-info")

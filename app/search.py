@@ -126,8 +126,9 @@ def _status(index: server.SearchIndex, base: ShapesGallery, gallery: Gallery, ra
     return out
 
 
-def _caption(h: Hit, base: ShapesGallery, text: str) -> str:
-    return f"#{h.rank} {MARK[base.holds(h.key, text)]} cos {h.itc_cosine:.2f} · ITM {h.itm_prob:.2f}".replace("  ", " ")
+def _caption(h: Hit, base: ShapesGallery, text: str, itm: bool) -> str:
+    """"#1 ✓ 0.98": the rank, whether it holds what the text says, the score that ranked it."""
+    return f"#{h.rank} {MARK[base.holds(h.key, text)]} {h.itm_prob if itm else h.itc_cosine:.2f}".replace("  ", " ")
 
 
 @friendly
@@ -159,8 +160,8 @@ def search(direction: str = "text → image", text: str = "a red circle", image:
     ms = (time.perf_counter() - start) * 1000
     images = [[], []]
     if query_text is not None:
-        images = [[(server.save_png(_item_image(base, session, h.key)), _caption(h, base, query_text)) for h in hits]
-                  for hits in (ranked.itc, ranked.itm)]
+        images = [[(server.save_png(_item_image(base, session, h.key)), _caption(h, base, query_text, itm))
+                   for h in hits] for hits, itm in ((ranked.itc, False), (ranked.itm, True))]
     state = {"itc": [asdict(h) for h in ranked.itc], "itm": [asdict(h) for h in ranked.itm],
              "table": [row[2] for row in _table(base, ranked, query_text)]}
     return (images[0], images[1], _table(base, ranked, query_text),
@@ -342,9 +343,10 @@ def _results() -> dict:
     """The right-hand column: both rankings side by side, the table, the status line."""
     r = {}
     with gr.Row():
-        r["itc"] = gr.Gallery(label="Ranked by ITC (click one to search by it)", columns=4, height=300,
+        r["itc"] = gr.Gallery(label="Ranked by ITC cosine (click one to search by it)", columns=4, height=300,
                               allow_preview=False, elem_id="search-itc", elem_classes="pixelated")
-        r["itm"] = gr.Gallery(label="Re-ranked by ITM", columns=4, height=300, allow_preview=False,
+        r["itm"] = gr.Gallery(label="Re-ranked by ITM (match probability shown)", columns=4, height=300,
+                              allow_preview=False,
                               elem_id="search-itm", elem_classes="pixelated")
     r["status"] = gr.Markdown(elem_id="search-status")
     r["table"] = gr.Dataframe(headers=COLUMNS, label="Both rankings (click a row to search by it)",

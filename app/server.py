@@ -315,7 +315,7 @@ def on_page(fn: Callable, outputs: int, on_error: Optional[Callable[[gr.Error], 
         try:
             return fn(*args, **kwargs)
         except gr.Error as e:
-            gr.Warning(e.message, title="Not done")
+            gr.Warning(e.message)
             if on_error is not None:
                 return on_error(e)
             return tuple(gr.skip() for _ in range(outputs)) if outputs > 1 else gr.skip()
