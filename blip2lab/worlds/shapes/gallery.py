@@ -40,9 +40,10 @@ class ShapesGallery:
             return self.examples.get(name, "")
         return ""
 
-    def holds(self, key: str, text: str) -> Optional[bool]:
+    def holds(self, key: str, text: str | list) -> Optional[bool]:
         """Whether the image behind `key` is one `text` describes (`world.describes`: "a red
-        circle" is true of every scene holding one); None when its content is unknown (an upload)."""
+        circle" is true of every scene holding one; `text` may come parsed, as describes takes
+        it); None when its content is unknown (an upload)."""
         kind, _, name = key.partition(":")
         if kind == "scene":
             return world.describes(text, self.scenes[int(name)])
@@ -55,10 +56,10 @@ class ShapesGallery:
     def count_holding(self, text: str) -> int:
         """How many of the scenes and examples `text` describes (the right answers of a search)."""
         keys = [f"scene:{i}" for i in range(len(self.scenes))] + [f"example:{n}" for n in self.examples]
-        said = world.parse_objects_partial(text)
+        said = world.parse_objects_partial(text)  # parsed once for every image
         if not said:
             return 0
-        return sum(bool(self.holds(k, text)) for k in keys)
+        return sum(bool(self.holds(k, said)) for k in keys)
 
     def image(self, key: str) -> Optional[Image.Image]:
         """The image behind a scene or example key; None for a key this gallery did not make."""

@@ -431,21 +431,29 @@ def eval_vqa(pipe: Blip2Pipeline, scenes: list, batch: int = 64, **decoding) -> 
     return vqa_accuracy(preds, [[a] for *_, a, _ in items], [t for *_, t in items]) | {"questions": len(items)}
 
 
-def eval_retrieval(pipe: Blip2Pipeline, scenes: list, k_test: int) -> dict:
-    """Recall@1/5/10 both ways over a gallery with distinct captions, ITC only and ITM re-ranked."""
-    from blip2lab.evaluate import retrieval_eval
-
+def _gallery_tokens(pipe: Blip2Pipeline, scenes: list) -> torch.Tensor:
+    """The scorer's ln_vision output for every scene: (n, N, D_v)."""
     model, _ = pipe.scorer()  # a linked stage-1 model first: a stage-2 Q-Former has left its heads behind
     images = pipe.processor.images(_images(scenes))
     with torch.no_grad():
-        embeds = torch.cat([model.encode_image(images[i:i + 256]) for i in range(0, len(scenes), 256)])
+        return torch.cat([model.encode_image(images[i:i + 256]) for i in range(0, len(scenes), 256)])
+
+
+def eval_retrieval(pipe: Blip2Pipeline, scenes: list, k_test: int, embeds: Optional[torch.Tensor] = None) -> dict:
+    """Recall@1/5/10 both ways over a gallery with distinct captions, ITC only and ITM re-ranked.
+    `embeds`: the scenes' `_gallery_tokens`, when already computed."""
+    from blip2lab.evaluate import retrieval_eval
+
+    model, _ = pipe.scorer()
+    embeds = _gallery_tokens(pipe, scenes) if embeds is None else embeds
     text = pipe.processor.qformer_text([world.caption(s) for s in scenes])
     n = len(scenes)
     return retrieval_eval(model, embeds, text["text_ids"], text["text_mask"], list(range(n)),
                           [[i] for i in range(n)], k_test=k_test)
 
 
-def eval_object_queries(pipe: Blip2Pipeline, scenes: list, k_test: int, ks: Sequence[int] = (1, 5, 10)) -> dict:
+def eval_object_queries(pipe: Blip2Pipeline, scenes: list, k_test: int, ks: Sequence[int] = (1, 5, 10),
+                        embeds: Optional[torch.Tensor] = None) -> dict:
     """Text -> image retrieval of one-object queries (`world.object_queries`: "a red circle",
     "a small red circle", "a small red circle on the top left") over `scenes`, each scene that
     holds such an object a right answer (`world.describes`); queries no scene answers are left
@@ -455,9 +463,7 @@ def eval_object_queries(pipe: Blip2Pipeline, scenes: list, k_test: int, ks: Sequ
     queries = [q for q in world.object_queries() if any(world.describes(q, s) for s in scenes)]
     positive = torch.tensor([[world.describes(q, s) for s in scenes] for q in queries])  # (N_q, N_img)
     model, _ = pipe.scorer()
-    images = pipe.processor.images(_images(scenes))
-    with torch.no_grad():
-        embeds = torch.cat([model.encode_image(images[i:i + 256]) for i in range(0, len(scenes), 256)])
+    embeds = _gallery_tokens(pipe, scenes) if embeds is None else embeds
     text = pipe.processor.qformer_text(queries)
     s = retrieval_scores(model, embeds, text["text_ids"], text["text_mask"], k_test=k_test)
     levels = {"color shape": 3, "size color shape": 4, "size color shape place": 8}  # words per query
@@ -486,8 +492,9 @@ def evaluate(pipe: Blip2Pipeline, preset: ShapesPreset, seed: int = 0, tasks=("c
             results["vqa/novel"] = eval_vqa(pipe, novel, **decoding)
         if "retrieval" in tasks and (pipe.model.has_stage1_heads or pipe.retrieval is not None):
             gallery = world.make_gallery("test", preset.gallery, seed)
-            results["retrieval"] = eval_retrieval(pipe, gallery, preset.k_test)
-            results["object_queries"] = eval_object_queries(pipe, gallery, preset.k_test)
+            embeds = _gallery_tokens(pipe, gallery)
+            results["retrieval"] = eval_retrieval(pipe, gallery, preset.k_test, embeds)
+            results["object_queries"] = eval_object_queries(pipe, gallery, preset.k_test, embeds=embeds)
     results["eval_s"] = t.seconds
     return results
 
