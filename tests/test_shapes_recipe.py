@@ -91,6 +91,7 @@ def test_shipped_preset_is_what_the_shipped_models_recorded_and_quick_is_it_shor
     recorded.setdefault("precision", "no")  # recorded before the field existed: they trained in fp32
     recorded.setdefault("stage2_prefix_lm", False)  # likewise: "a photo of" -> caption
     recorded.setdefault("visual_prompt_norm", "none")  # likewise: the paper's prompt
+    recorded.setdefault("stage1_partial_captions", 0.0)  # likewise: whole-scene paraphrases only
     shipped = dataclasses.asdict(recipe.PRESETS["shipped"])
     assert {k: v for k, v in shipped.items() if k != "name"} == {
         k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k != "name"}
