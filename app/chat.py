@@ -52,9 +52,12 @@ def decoding_interactivity(strategy: str) -> list:
 # ---------------------------------------------------------------------------------------
 
 
-def answer_note(model_name: str, question: str, is_shapes: bool, photo_for: str = "") -> str:
-    """The line under an answer: the model that gave it, and what it cannot know."""
+def answer_note(model_name: str, question: str, is_shapes: bool, photo_for: str = "", cut_at: int = 0) -> str:
+    """The line under an answer: the model that gave it, and what it cannot know; `cut_at`:
+    the answer ran into that many new tokens (the Max new tokens control)."""
     parts = [f"answered by {model_name}"]
+    if cut_at:
+        parts.append(f"cut at {cut_at} new tokens: raise Max new tokens (Decoding) for more")
     if photo_for:
         parts.append(f"this looks like a photo, so {model_name} answered instead of {photo_for}")
     if model_name == routing.PHOTO_MODEL:
@@ -117,8 +120,15 @@ def _answer(state: dict, question: str, decoding: dict, model: Optional[str]) ->
     if out.fitted.question_cut:
         gr.Warning(f"The question is too long for the model's context: only its first {len(out.fitted.question)} "
                    "characters are used.")
-    note = answer_note(answering.name, question, answering.is_shapes, loaded.name if photo else "")
+    limit = int(decoding.get("max_new_tokens", 10))
+    cut = answering.pipe.processor.chat_template and _tokens(answering, out.answer) >= limit - 1
+    note = answer_note(answering.name, question, answering.is_shapes, loaded.name if photo else "", limit if cut else 0)
     return Answer(out.answer, out.fitted.prompt, note)
+
+
+def _tokens(loaded: server.Loaded, text: str) -> int:
+    """The LLM tokens of an answer (as decoded, give or take one)."""
+    return len(loaded.pipe.processor.llm_tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _new_image(path: str, model: Optional[str]) -> None:

@@ -104,11 +104,12 @@ def build(header: gr.Markdown, model_state: gr.State, selectors: list) -> None:
     local = not server.SETTINGS.hosted
     with gr.Tab("Model", id="model"):
         info = gr.Markdown(model_info(), elem_id="model-info")
-        with gr.Row():
-            name = gr.Dropdown(model_choices(), value=server.SETTINGS.model, allow_custom_value=local,
-                               label="Model for this session: one of this server's models"
-                                     + (", an official checkpoint id, or a local folder" if local else ""),
-                               elem_id="model-choice")
+        # Any value reaches select_model, which refuses what this server does not offer with a
+        # plain message (Gradio's own check of the choices would log a traceback for it).
+        name = gr.Dropdown(model_choices(), value=server.SETTINGS.model, allow_custom_value=True,
+                           label="Model for this session: one of this server's models"
+                                 + (", an official checkpoint id, or a local folder" if local else ""),
+                           elem_id="model-choice")
         use_btn = gr.Button("Use this model (only in this session)", variant="primary")
         gr.Markdown(f"The server holds each model once (at most {server.SETTINGS.max_models} at a time) and every "
                     "visitor picks among them: your choice changes nothing for anyone else."

@@ -101,7 +101,8 @@ def test_answers_say_who_answered_and_what_it_never_saw(loaded, files):
     assert "never saw" not in chat_tab.answer_note("shapes-opt", "is there a red circle?", True)
     assert "never saw" not in chat_tab.answer_note("mini-real", "is there a purple triangle?", False)
     photo = chat_tab.answer_note(routing.PHOTO_MODEL, "what is it?", False, "shapes-opt")
-    assert "instead of shapes-opt" in photo and "cannot count" in photo
+    assert "instead of shapes-opt" in photo and "cannot count" in photo and "cut at" not in photo
+    assert "cut at 10 new tokens" in chat_tab.answer_note(routing.PHOTO_MODEL, "what is it?", False, cut_at=10)
     _, by, _, messages, _ = chat_tab.chat({"text": "is there a purple triangle?",
                                            "files": [str(ASSETS / "novel-purple-triangle.png")]}, None, None, *DECODING)
     assert loaded.name in by and ("never saw a purple triangle" in by) == loaded.is_shapes
