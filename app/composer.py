@@ -4,8 +4,6 @@ and record; a scene can be sent to the Chat, Caption and Search tabs."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import gradio as gr
 
 from app import server

@@ -188,7 +188,8 @@ class Models:
             with self._lock:
                 self._loaded[name] = loaded
                 keep = {self.settings.model, self.settings.search, name}
-                for old in [n for n in self._loaded if n not in keep][:max(0, len(self._loaded) - self.settings.max_models)]:
+                over = max(0, len(self._loaded) - self.settings.max_models)
+                for old in [n for n in self._loaded if n not in keep][:over]:  # least recently used first
                     del self._loaded[old]
         return loaded
 

@@ -160,7 +160,7 @@ def main() -> None:
             "chat": timed(lambda: client.predict(message=message, api_name="/chat"), args.repeats),
             "caption_maps": timed(lambda: client.predict(image=three, api_name="/caption_maps"), args.repeats),
         }
-        *_, status = client.predict(text="a large red circle on the top left", api_name="/search")  # waits for the index
+        *_, status = client.predict(text="a large red circle on the top left", api_name="/search")  # waits: the index
         results["search_gallery"] = status
         results["search_text_to_image"] = timed(lambda: client.predict(
             text="a small green circle on the top right", api_name="/search"), args.repeats)

@@ -70,7 +70,8 @@ def compose(client, *objects):
     for shape, color, size, row, column in objects:
         cells[world.ROWS.index(row) * 3 + world.COLUMNS.index(column)] = [shape, color, size]
     names = [f"{row}_{column}" for row in world.ROWS for column in world.COLUMNS]
-    filled = {f"{n}_{a}": v for n, c in zip(names, cells) if c[0] != "none" for a, v in zip(("shape", "color", "size"), c)}
+    filled = {f"{n}_{a}": v for n, c in zip(names, cells) if c[0] != "none"
+              for a, v in zip(("shape", "color", "size"), c)}
     return client.predict(**filled, api_name="/compose_scene")  # named parameters; empty cells by default
 
 
@@ -131,8 +132,8 @@ def test_every_endpoint(client, tmp_path):
     assert table["headers"][:3] == ["ITC rank", "ITM rank", "result"] and all(0 <= row[4] <= 1 for row in rows)
     ranked = sorted((row for row in rows if row[0] != "-"), key=lambda row: row[0])
     assert [row[3] for row in ranked] == sorted((row[3] for row in ranked), reverse=True)  # ITC ranks by cosine
-    itc, itm, table, status = client.predict(direction="image → text", image=handle_file(str(ASSETS / "two-circles.png")),
-                                             k=3, api_name="/search")
+    itc, itm, table, status = client.predict(direction="image → text", k=3, api_name="/search",
+                                             image=handle_file(str(ASSETS / "two-circles.png")))
     assert itc == itm == [] and 3 <= len(table["data"]) <= 6
     status = client.predict([handle_file(str(ASSETS / "two-circles.png")), handle_file(str(ASSETS / "red-circle.png"))],
                             api_name="/gallery_add")

@@ -51,7 +51,8 @@ __all__ = [
     "SIZE_PX", "JITTER_PX", "VOCABULARY", "PUNCTUATION", "QUESTION_TYPES",
     "ShapeObject", "Scene", "stable_seed", "place_object", "sample_scene", "render", "render_batch",
     "caption", "paraphrases", "PARAPHRASE_TEMPLATES", "parse_caption", "parse_objects_partial",
-    "caption_f1", "partial_description", "describes", "held_out_mentions", "object_queries", "questions", "iter_split", "make_split", "distinct_caption_scenes",
+    "caption_f1", "partial_description", "describes", "held_out_mentions", "object_queries", "questions",
+    "iter_split", "make_split", "distinct_caption_scenes",
     "make_gallery", "retrieval_gallery", "CaptionDataset", "VQADataset",
 ]
 
@@ -435,7 +436,8 @@ def _partial_phrase(o: ShapeObject, rng: random.Random) -> str:
         place = rng.choice(("row column", "row", "column")) if keep["place"] else ""
         if any(keep.values()):
             break
-    words = ["a", o.size if keep["size"] else "", o.color if keep["color"] else "", o.shape if keep["shape"] else "shape"]
+    words = ["a", o.size if keep["size"] else "", o.color if keep["color"] else "",
+             o.shape if keep["shape"] else "shape"]
     where = {"row column": f"{o.row} {o.column}", "row": o.row, "column": o.column, "": ""}[place]
     return " ".join(w for w in words if w) + (f" on the {where}" if where else "")
 
@@ -480,7 +482,8 @@ def object_queries(allow_held_out: bool = False) -> list[str]:
     for color, shape in _combos(allow_held_out):
         out.append(f"a {color} {shape}")
         out += [f"a {size} {color} {shape}" for size in SIZES]
-        out += [f"a {size} {color} {shape} on the {row} {column}" for size in SIZES for row in ROWS for column in COLUMNS]
+        out += [f"a {size} {color} {shape} on the {row} {column}"
+                for size in SIZES for row in ROWS for column in COLUMNS]
     return out
 
 
