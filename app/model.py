@@ -102,8 +102,7 @@ def select_model(name: str = "shapes-opt") -> tuple:
 def build(header: gr.Markdown, model_state: gr.State, selectors: list) -> None:
     """The tab; a pick redraws the page's `header` and the Caption tab's `selectors`."""
     local = not server.SETTINGS.hosted
-    with gr.Tab("Model", id="model"):
-        info = gr.Markdown(model_info(), elem_id="model-info")
+    with gr.Tab("Model", id="model"):  # the pick first, then what the model is
         # Any value reaches select_model, which refuses what this server does not offer with a
         # plain message (Gradio's own check of the choices would log a traceback for it).
         name = gr.Dropdown(model_choices(), value=server.SETTINGS.model, allow_custom_value=True,
@@ -114,6 +113,7 @@ def build(header: gr.Markdown, model_state: gr.State, selectors: list) -> None:
         gr.Markdown(f"The server holds each model once (at most {server.SETTINGS.max_models} at a time) and every "
                     "visitor picks among them: your choice changes nothing for anyone else."
                     + ("" if local else " On this hosted server only the models listed can be picked."))
+        info = gr.Markdown(model_info(), elem_id="model-info")
         outputs = [info, header, model_state] + selectors
         refresh = gr.Button("Refresh", size="sm")
         gr.on([], select_model, [name], outputs, api_name="select_model")  # the API's, then the page's
