@@ -7,16 +7,22 @@ search, a scene composer for the shapes world, and a model picker.
 This file is the entry point (Hugging Face Spaces runs `python app.py`); it assembles the
 page from the `app/` package beside it, one module per tab (app/chat.py, caption.py,
 search.py, composer.py, model.py) and the rules of a server shared by strangers
-(app/server.py: one model for everyone behind one lock, a bounded queue, a pixel and an
-upload size limit, per-session uploads, and no request that can make the server read, list
-or return a file outside what the user uploaded or what ships with the app). The app holds
+(app/server.py: each model held once and shared, every session its own choice among them,
+errors that are a toast and never cover the page, a bounded queue, a pixel and an upload
+size limit, per-session uploads, and no request that can make the server read, list or
+return a file outside what the user uploaded or what ships with the app). Every endpoint a
+script would call has named, documented parameters with defaults (`Client.view_api()`). The app holds
 no model logic: every number comes from the blip2lab package (`blip2lab.pipeline`,
 `blip2lab.chat`, `blip2lab.routing`, `blip2lab.explain`, `blip2lab.search.gallery`,
 `blip2lab.worlds.shapes.gallery`).
 
 Environment variables (all optional):
-    BLIP2LAB_MODEL         model name or folder (default "shapes-opt"; shipped names: models/)
-    BLIP2LAB_RETRIEVAL     a second model with ITC/ITM heads, for a stage-2 checkpoint without them
+    BLIP2LAB_MODEL         a new session's model: name or folder (default "shapes-opt"; shipped names: models/)
+    BLIP2LAB_MODELS        the models a session may pick, comma-separated (default: every shipped model)
+    BLIP2LAB_MAX_MODELS    models held in memory at once (default 6)
+    BLIP2LAB_RETRIEVAL     a second model with ITC/ITM heads for BLIP2LAB_MODEL, for a stage-2 checkpoint
+                           without them (the shipped shapes models match with shapes-stage1-partial)
+    BLIP2LAB_SEARCH_MODEL  the Search tab's model (default: shapes-stage1-partial for a shapes app)
     BLIP2LAB_DEVICE        "cpu" / "cuda" (default: cuda when available)
     BLIP2LAB_GALLERY_SIZE  shapes test scenes in the search gallery (default 1000)
     BLIP2LAB_HOST, BLIP2LAB_PORT   where to listen (default 127.0.0.1:7860; GRADIO_SERVER_NAME /
@@ -43,15 +49,16 @@ from app.widgets import CSS
 
 def build_demo() -> gr.Blocks:
     """The page: the header, then one tab per module of app/, wired to each other where a
-    tab sends its result to another (the composer's scenes, a model switch)."""
+    tab sends its result to another (the composer's scenes) or follows this session's model."""
     with gr.Blocks(title="blip2lab", delete_cache=(3600, 3600)) as demo:
-        header = gr.Markdown(model.header_markdown())
+        model_state = gr.State(server.SETTINGS.model)  # this session's model: its own, nobody else's
+        header = gr.Markdown(model.header_markdown(), elem_id="header")
         with gr.Tabs() as tabs:
-            chat_in = chat.build()
-            caption_tab = caption.build()
+            chat_in = chat.build(model_state)
+            caption_tab = caption.build(model_state)
             search_tab = search.build()
             composer.build(tabs, chat_in, caption_tab.image, search_tab.image, search_tab.direction)
-            model.build(header, caption_tab.selectors)
+            model.build(header, model_state, caption_tab.selectors)
     return demo
 
 

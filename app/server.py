@@ -1,12 +1,13 @@
-"""The rules of a server shared by strangers: one model for everyone behind one lock, a
-bounded queue, a pixel and an upload size limit, files handed out from this process's own
-folder, errors that never take the server down, and no request that can make it read, list
-or return a file outside what the user uploaded or what ships with the app (reading a
-folder by its path is a local-only convenience, off when hosted or listening beyond
-loopback).
+"""The rules of a server shared by strangers: the models it holds (each loaded once, shared
+by the sessions that pick it, a bounded number at once), every session's own choice among
+them, a bounded queue, a pixel and an upload size limit, files handed out from this
+process's own folder, errors that never take the server down nor cover the page, and no
+request that can make it read, list or return a file outside what the user uploaded or what
+ships with the app (reading a folder, or loading a model, by its path is a local-only
+convenience, off when hosted or listening beyond loopback).
 
-The settings and the loaded model are module state (`SETTINGS`, `APP`), set by `setup`
-and `load_model`; handlers reach the model through `current()`.
+The settings, the models and the search index are module state (`SETTINGS`, `MODELS`,
+`SEARCH`), set by `setup`; a handler reaches its session's model through `model(name)`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -31,7 +33,7 @@ from PIL import Image
 
 import blip2lab
 from blip2lab import routing
-from blip2lab.pipeline import PRESETS, Blip2Pipeline
+from blip2lab.pipeline import PIPELINE_NAME, PRESETS, Blip2Pipeline
 from blip2lab.processor import load_image
 from blip2lab.worlds.shapes.gallery import ShapesGallery, build_gallery
 
@@ -53,6 +55,10 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_SESSION_IMAGES = 200  # per-user additions to the search gallery
 MAX_FOLDER_FILES = 2000
+# Stage 1 trained with partial descriptions too (models/shapes-stage1-partial/recipe.json): it
+# finds "a red circle" among scenes that hold one, where shapes-stage1 reads it as a mismatch.
+# The shipped shapes models search and match with it in the app.
+SHAPES_MATCHER = "shapes-stage1-partial"
 SHAPES_NOTE = ("This model was trained only on the synthetic shapes world (64x64 scenes of up to three "
                "circles, squares and triangles in six colours on a 2x3 grid). It does not know real photos: "
                "on anything else its answers are shapes-world guesses.")
@@ -64,14 +70,21 @@ MINIREAL_NOTE = ("mini-real: a frozen EfficientNet-lite0 (ImageNet) and a frozen
 
 
 # ---------------------------------------------------------------------------------------
-# Settings and the one shared model
+# Settings, the models and the search index
 # ---------------------------------------------------------------------------------------
+
+
+def _names(value: Optional[str]) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (value or "").split(",") if n.strip())
 
 
 @dataclass
 class Settings:
-    model: str = "shapes-opt"
-    retrieval: Optional[str] = None
+    model: str = "shapes-opt"  # what a new session gets
+    models: tuple[str, ...] = ()  # what a session may pick; () = every shipped model
+    retrieval: Optional[str] = None  # the default model's matcher, for a stage-2 checkpoint without heads
+    search_model: Optional[str] = None  # what the Search tab searches with (None: see `search`)
+    max_models: int = 6  # models held at once; the least recently used other one goes first
     device: str = "cpu"
     gallery_size: int = 1000
     host: str = "127.0.0.1"
@@ -87,10 +100,34 @@ class Settings:
         """Reading a folder by its path: only on the user's own machine, listening on loopback."""
         return not self.hosted and self.host in LOOPBACK
 
+    @property
+    def choices(self) -> list[str]:
+        """The models a session may pick: the default first."""
+        return list(dict.fromkeys([self.model, *(self.models or sorted(PRESETS))]))
+
+    @property
+    def search(self) -> str:
+        """The Search tab's model: BLIP2LAB_SEARCH_MODEL, else SHAPES_MATCHER for a shapes app, else the default."""
+        if self.search_model:
+            return self.search_model
+        return SHAPES_MATCHER if SHAPES_MATCHER in PRESETS and self.model.startswith("shapes") else self.model
+
+    def matcher_for(self, name: str) -> Optional[str]:
+        """The retrieval model `name` matches with: BLIP2LAB_RETRIEVAL for the default model;
+        SHAPES_MATCHER for a shipped shapes model that links a stage-1 model (pipeline.json);
+        else None (its own heads or its own link)."""
+        if name == self.model and self.retrieval:
+            return self.retrieval
+        linked = name in PRESETS and (PRESETS[name] / PIPELINE_NAME).is_file()
+        return SHAPES_MATCHER if linked and name.startswith("shapes") and SHAPES_MATCHER in PRESETS else None
+
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
         cuda = torch.cuda.is_available()
-        return cls(model=env.get("BLIP2LAB_MODEL", "shapes-opt"), retrieval=env.get("BLIP2LAB_RETRIEVAL") or None,
+        return cls(model=env.get("BLIP2LAB_MODEL", "shapes-opt"), models=_names(env.get("BLIP2LAB_MODELS")),
+                   retrieval=env.get("BLIP2LAB_RETRIEVAL") or None,
+                   search_model=env.get("BLIP2LAB_SEARCH_MODEL") or None,
+                   max_models=int(env.get("BLIP2LAB_MAX_MODELS", 6)),
                    device=env.get("BLIP2LAB_DEVICE", "cuda" if cuda else "cpu"),
                    gallery_size=int(env.get("BLIP2LAB_GALLERY_SIZE", 1000)),
                    host=env.get("BLIP2LAB_HOST") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
@@ -103,16 +140,11 @@ class Settings:
 
 @dataclass
 class Loaded:
-    """The model every session shares, its base search gallery, and the lock that lets
-    one request at a time use them."""
+    """One model the server holds, and the lock that lets one request at a time use it."""
 
     pipe: Blip2Pipeline
     name: str
     lock: threading.RLock = field(default_factory=threading.RLock)
-    base: Optional[ShapesGallery] = None  # shapes test scenes + shipped examples, built in the background
-    base_ready: threading.Event = field(default_factory=threading.Event)
-    base_error: Optional[str] = None
-    photo_pipe: Optional[Blip2Pipeline] = None  # mini-real, loaded on the first photo a shapes model is sent
 
     @property
     def is_shapes(self) -> bool:
@@ -123,62 +155,116 @@ class Loaded:
         return self.pipe.model.has_stage1_heads or self.pipe.retrieval is not None
 
 
+class Models:
+    """The models this server holds: each loaded once, on first use, and shared by every
+    session that picks it; at most `settings.max_models` at once (the least recently used
+    one goes, never the default or the search model; a request using it keeps its copy)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._loaded: OrderedDict[str, Loaded] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def allowed(self, name: str) -> bool:
+        return name in self.settings.choices or name in (routing.PHOTO_MODEL, self.settings.search)
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def get(self, name: str) -> Loaded:
+        """The model `name`, loaded now if it is not held (one load per name at a time)."""
+        with self._lock:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return self._loaded[name]
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:
+            with self._lock:
+                if name in self._loaded:
+                    return self._loaded[name]
+            loaded = Loaded(_load_pipe(name, self.settings.matcher_for(name), self.settings), name)
+            with self._lock:
+                self._loaded[name] = loaded
+                keep = {self.settings.model, self.settings.search, name}
+                over = max(0, len(self._loaded) - self.settings.max_models)
+                for old in [n for n in self._loaded if n not in keep][:over]:  # least recently used first
+                    del self._loaded[old]
+        return loaded
+
+
+@dataclass
+class SearchIndex:
+    """The Search tab's model and its base gallery (shapes test scenes + shipped examples),
+    indexed once in the background and shared by every session."""
+
+    loaded: Loaded
+    base: Optional[ShapesGallery] = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: Optional[str] = None
+
+
 SETTINGS = Settings()
-APP: Optional[Loaded] = None
+MODELS = Models(SETTINGS)
+SEARCH: Optional[SearchIndex] = None
 TMP = Path(tempfile.gettempdir()) / f"blip2lab-app-{os.getpid()}"  # files this process hands out
 
 
-def load_model(name: str, retrieval: Optional[str] = None, settings: Optional[Settings] = None) -> Loaded:
-    """Load a model for everyone and start indexing its base gallery in the background."""
-    global APP
-    settings = settings or SETTINGS
-    pipe = _load_pipe(name, retrieval, settings.device, settings)
-    loaded = Loaded(pipe, str(name))
-    APP = loaded
-    threading.Thread(target=_build_base_gallery, args=(loaded, settings.gallery_size), daemon=True).start()
-    return loaded
-
-
-def _load_pipe(name: str, retrieval: Optional[str], device: str, settings: Settings) -> Blip2Pipeline:
+def _load_pipe(name: str, retrieval: Optional[str], settings: Settings) -> Blip2Pipeline:
     """blip2lab.load with the app's LLM precision and its pixel limit on every processor the
     pipeline holds."""
-    pipe = blip2lab.load(name, retrieval=retrieval, device=device, llm_dtype=settings.llm_dtype)
+    pipe = blip2lab.load(name, retrieval=retrieval, device=settings.device, llm_dtype=settings.llm_dtype)
     for proc in {id(pipe.processor): pipe.processor, id(pipe.retrieval_processor): pipe.retrieval_processor}.values():
         proc.max_pixels = settings.max_pixels
     return pipe
 
 
-def _build_base_gallery(loaded: Loaded, size: int) -> None:
+def _build_search(index: SearchIndex, size: int) -> None:
     try:
-        if loaded.can_match:  # the model's lock per batch: requests go first
-            loaded.base = build_gallery(loaded.pipe, size, ASSETS, EXAMPLES, lock=loaded.lock)
+        if index.loaded.can_match:  # the model's lock per batch: requests go first
+            index.base = build_gallery(index.loaded.pipe, size, ASSETS, EXAMPLES, lock=index.loaded.lock)
         else:
-            loaded.base = ShapesGallery()
+            index.base = ShapesGallery()
     except Exception as e:  # reported by the search tab, never fatal to the app
         log.exception("building the search gallery failed")
-        loaded.base_error = f"{type(e).__name__}: {e}"
+        index.error = f"{type(e).__name__}: {e}"
     finally:
-        loaded.base_ready.set()
+        index.ready.set()
 
 
-def current() -> Loaded:
-    """The loaded model, or an error for the user when there is none yet."""
-    if APP is None:
-        raise gr.Error("No model is loaded yet: pick one in the Model tab.")
-    return APP
+def check_choice(name: str) -> str:
+    """A model a session may pick: one of the choices; locally also any name, id or folder."""
+    name = (name or "").strip()
+    if not name:
+        raise UserError("Pick a model.")
+    if not MODELS.allowed(name):
+        if SETTINGS.hosted:
+            raise UserError(f"{name!r} is not one of this server's models: pick one of {SETTINGS.choices}.")
+        check_model_source(name)
+    return name
 
 
-def photo_model_for(image: Image.Image) -> Optional[Blip2Pipeline]:
-    """The pipeline that answers a photo sent to a shapes model (`blip2lab.routing`; loaded
-    once, on the device of the main model); None when the loaded model answers it itself."""
-    loaded = current()
+def model(name: Optional[str] = None) -> Loaded:
+    """A session's model (its choice, else the default), loaded on first use."""
+    name = check_choice(name or SETTINGS.model)
+    try:
+        return MODELS.get(name)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UserError(f"Cannot load {name}: {e}") from e
+
+
+def search_index() -> SearchIndex:
+    if SEARCH is None:
+        raise UserError("The search gallery is not set up on this server.")
+    return SEARCH
+
+
+def photo_model_for(loaded: Loaded, image: Image.Image) -> Optional[Loaded]:
+    """The model that answers a photo sent to `loaded` (`blip2lab.routing`: mini-real for a
+    shapes model), or None when `loaded` answers it itself."""
     name = routing.photo_model_for(loaded.pipe, image, loaded.name)
-    if name is None:
-        return None
-    with loaded.lock:
-        if loaded.photo_pipe is None:
-            loaded.photo_pipe = _load_pipe(name, None, loaded.pipe.device, SETTINGS)
-    return loaded.photo_pipe
+    return None if name is None else MODELS.get(name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,52 +272,86 @@ def photo_model_for(image: Image.Image) -> Optional[Blip2Pipeline]:
 # ---------------------------------------------------------------------------------------
 
 
+class UserError(gr.Error):
+    """Input the app refuses, with a plain message for the user and no traceback in the
+    server's log (`print_exception=False`: a user's mistake is not the server's failure).
+    `image`: the image the user gave is what was wrong (the page drops it from the input)."""
+
+    def __init__(self, message: str, image: bool = False):
+        super().__init__(message, print_exception=False)
+        self.image = image
+
+
 def friendly(fn: Callable) -> Callable:
-    """Bad input becomes a gr.Error with a plain message; anything unexpected is logged
-    with its traceback on the server and reported in one line. The app keeps serving."""
+    """Bad input becomes a UserError with a plain message (one line in the log); anything
+    unexpected is logged with its traceback and reported in one line. The app keeps serving."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as e:
+            log.info("%s refused: %s", fn.__name__, e.message)
             raise
         except (ValueError, TypeError, FileNotFoundError) as e:
-            raise gr.Error(str(e)) from e
+            log.info("%s refused: %s", fn.__name__, e)
+            raise UserError(str(e)) from e
         except Exception as e:
             log.error("%s failed:\n%s", fn.__name__, traceback.format_exc())
             raise gr.Error(f"Something went wrong ({type(e).__name__}). The app is still running; "
-                           "try another input.") from e
+                           "try another input.", print_exception=False) from e
 
     return wrapper
 
 
-def open_image(path: Any) -> Image.Image:
+def on_page(fn: Callable, outputs: int, on_error: Optional[Callable[[gr.Error], tuple]] = None) -> Callable:
+    """The page's version of a handler: a refusal is a toast (gr.Warning) and every output
+    stays as it was (gr.skip()), or becomes what `on_error(error)` returns. A raised gr.Error
+    would mark each output of the event with an "Error" badge that stays until that output's
+    next event, covering the conversation and the inputs; the API endpoints raise it instead,
+    so a script gets the error (app.py wires both)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error as e:
+            gr.Warning(e.message)
+            if on_error is not None:
+                return on_error(e)
+            return tuple(gr.skip() for _ in range(outputs)) if outputs > 1 else gr.skip()
+
+    return wrapper
+
+
+def open_image(path: Any, target_size: Optional[int] = None) -> Image.Image:
     """An uploaded file (a path from Gradio's upload folder, or one of ours) -> RGB image,
-    decoded by blip2lab's loader: pixel limit before decoding, EXIF, alpha, grey, 16-bit."""
+    decoded by blip2lab's loader: pixel limit before decoding, EXIF, alpha, grey, 16-bit;
+    `target_size`: a large image is reduced while decoding (the model's input side)."""
     if path is None or path == "":
-        raise gr.Error("Add an image first.")
+        raise UserError("Add an image first.")
     if isinstance(path, Image.Image):
         return load_image(path, max_pixels=SETTINGS.max_pixels)
     name = Path(str(path)).name
     try:
-        return load_image(str(path), max_pixels=SETTINGS.max_pixels, target_size=current().pipe.processor.image_size)
+        return load_image(str(path), max_pixels=SETTINGS.max_pixels, target_size=target_size)
     except (ValueError, OSError) as e:
         message = str(e).replace(str(path), name)
         if "max_pixels" in message:
-            raise gr.Error(f"{name} is too large: images may have at most {SETTINGS.max_pixels:,} pixels.") from e
-        raise gr.Error(f"{name} is not an image this app can read ({message}).") from e
+            raise UserError(f"{name} is too large: images may have at most {SETTINGS.max_pixels:,} pixels.",
+                            image=True) from e
+        raise UserError(f"{name} is not an image this app can read ({message}).", image=True) from e
 
 
-def warn_if_not_scene(image: Image.Image) -> None:
-    if current().is_shapes and not routing.looks_like_scene(image):
+def warn_if_not_scene(loaded: Loaded, image: Image.Image) -> None:
+    if loaded.is_shapes and not routing.looks_like_scene(image):
         gr.Warning("This does not look like a shapes-world scene. " + SHAPES_NOTE)
 
 
 def require_local(action: str, instead: str) -> None:
     """A path the user typed is read only on their own machine (Settings.folders_allowed)."""
     if not SETTINGS.folders_allowed:
-        raise gr.Error(f"{action} is a local-only convenience and is off on this server; {instead}.")
+        raise UserError(f"{action} is a local-only convenience and is off on this server; {instead}.")
 
 
 def check_model_source(source: str) -> None:
@@ -246,7 +366,7 @@ def image_folder(folder: str, limit: int) -> tuple[Path, list[Path]]:
     require_local("Indexing a folder by path", "upload images instead")
     path = Path((folder or "").strip()).expanduser()
     if not str(folder or "").strip() or not path.is_dir():
-        raise gr.Error(f"{folder!r} is not a folder on this machine.")
+        raise UserError(f"{folder!r} is not a folder on this machine.")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     return path, files[:min(MAX_FOLDER_FILES, limit)]
 
@@ -294,13 +414,28 @@ def save_png(image: Image.Image) -> str:
 
 
 def setup(settings: Optional[Settings] = None) -> Loaded:
-    """Read the settings, set torch's threads and PIL's bomb limit, load the model."""
-    global SETTINGS
+    """Read the settings, set torch's threads and PIL's bomb limit, load the default and the
+    search model, index the search gallery and then load the other choices, in the background."""
+    global SETTINGS, MODELS, SEARCH
     SETTINGS = settings or Settings.from_env()
     if os.environ.get("BLIP2LAB_THREADS"):
         torch.set_num_threads(int(os.environ["BLIP2LAB_THREADS"]))
     Image.MAX_IMAGE_PIXELS = SETTINGS.max_pixels  # Gradio's own PIL calls refuse bombs too
-    return load_model(SETTINGS.model, SETTINGS.retrieval, SETTINGS)
+    MODELS = Models(SETTINGS)
+    default = MODELS.get(SETTINGS.model)
+    SEARCH = SearchIndex(MODELS.get(SETTINGS.search))
+    threading.Thread(target=_warm_up, args=(SEARCH, SETTINGS), daemon=True).start()
+    return default
+
+
+def _warm_up(index: SearchIndex, settings: Settings) -> None:
+    """The search gallery, then every other choice (so a session's first pick is quick)."""
+    _build_search(index, settings.gallery_size)
+    for name in settings.choices[:settings.max_models]:
+        try:
+            MODELS.get(name)
+        except Exception as e:  # picked later, the model says why it cannot load
+            log.warning("could not preload %s: %s", name, e)
 
 
 def launch(demo: gr.Blocks, prevent_thread_lock: bool = False, **kwargs):

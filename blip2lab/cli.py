@@ -179,7 +179,8 @@ def _shapes_parser(sub) -> None:
     p = steps.add_parser("train", help="one stage")
     p.add_argument("stage", choices=["stage1", "stage2"])
     p.add_argument("--llm", choices=["opt", "t5"], default="opt")
-    p.add_argument("--stage1", help="stage-1 folder to start stage 2 from (omit: no representation learning)")
+    p.add_argument("--stage1", help="stage 2: the stage-1 folder to start from (omit: no representation "
+                                    "learning); stage 1: a stage-1 folder to continue (omit: from BERT)")
     p.add_argument("--out", default=None)
     preset(p)
     backbones(p)
@@ -216,7 +217,7 @@ def _shapes(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in report.items() if k != "preset"}, indent=2, default=str))
     elif cmd == "train" and args.stage == "stage1":
         _, timing = recipe.train_stage1(args.out or "runs/shapes/stage1", preset, args.seed, backbones=backbones,
-                                        progress=progress)
+                                        progress=progress, init=args.stage1)
         print(json.dumps(timing, indent=2))
     elif cmd == "train":
         out = args.out or f"runs/shapes/{args.llm}"

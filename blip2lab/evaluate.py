@@ -434,6 +434,25 @@ def recall_at_k(scores_i2t, scores_t2i, txt2img: Sequence[int], img2txts: Sequen
     return out
 
 
+def recall_any_at_k(scores_t2i: Tensor, positive: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Text -> image retrieval when a text has many right images (a partial description, "a
+    red circle", is true of every image holding one). scores_t2i, positive: (N_txt, N_img).
+    "r<K>": share of texts with a right image in their top K (ties count against it, as in
+    `recall_at_k`); "p<K>": right images among the top K over as many as there could be
+    (min(K, the text's right images)), averaged over texts: 1 when the top K are all right."""
+    scores, positive = torch.as_tensor(scores_t2i).float().cpu(), torch.as_tensor(positive).bool().cpu()
+    if scores.shape != positive.shape or not positive.any(dim=1).all():
+        raise ValueError(f"scores {tuple(scores.shape)} and positive {tuple(positive.shape)} must match, "
+                         "and every text needs at least one right image")
+    rank = _best_rank(scores, positive)  # (N_txt,)
+    out = {f"r{k}": (rank < k).float().mean().item() for k in ks}
+    for k in ks:
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (N_txt, k)
+        best = positive.sum(dim=1).clamp(max=top.shape[1]).float()  # (N_txt,)
+        out[f"p{k}"] = (positive.gather(1, top).sum(dim=1) / best).mean().item()
+    return out
+
+
 def retrieval_eval(model, images: ImageSource, text_ids: Tensor, text_mask: Tensor, txt2img: Sequence[int],
                    img2txts: Sequence[Sequence[int]], k_test: int = 128, batch_size: int = 128,
                    num_images: Optional[int] = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

@@ -42,6 +42,11 @@ PRESETS: dict[str, Path] = {p.name: p for p in sorted(MODELS_DIR.glob("*")) if (
 CAPTION_DECODING = dict(strategy="beam", num_beams=5, max_new_tokens=30, min_new_tokens=1)
 VQA_DECODING = dict(strategy="beam", num_beams=5, max_new_tokens=10, length_penalty=-1.0)
 QFORMER_CAPTION_DECODING = dict(strategy="beam", num_beams=3, max_new_tokens=29, min_new_tokens=9)
+# An instruction-tuned chat LLM answering in sentences (mini-real's SmolLM2-135M) falls into
+# loops ("tramp tramp tramp ...", "2019-01-22 2019-01-23 ..."): InstructBLIP's repetition
+# penalty (LAVIS blip2_vicuna_instruct.generate: 1.5) and no 3-gram twice. The paper's
+# decoding for OPT / FlanT5 has neither, and `no_loops` leaves those models alone.
+NO_LOOP_DECODING = dict(repetition_penalty=1.5, no_repeat_ngram_size=3)
 
 
 # transformers' `generate` keywords that caption / answer / the CLI take, with transformers'
@@ -105,6 +110,21 @@ def lavis_decoding(use_nucleus_sampling: bool, num_beams: int, max_new_tokens: i
     if use_nucleus_sampling:
         return common | dict(use_nucleus_sampling=True, top_p=top_p, temperature=temperature, seed=seed)
     return common | dict(num_beams=num_beams, length_penalty=length_penalty)
+
+
+def no_loops(processor: Blip2Processor, decoding: dict[str, Any]) -> dict[str, Any]:
+    """`decoding` (overrides of `decoding_config`) for a model whose LLM answers through a
+    chat template: at least NO_LOOP_DECODING's penalties, and beam search's length penalty at
+    least 1 (VQA's -1 picks the shortest finished beam: a sentence then stops at "you can see:"
+    whatever max_new_tokens allows). Unchanged for every other model."""
+    if not processor.chat_template:
+        return dict(decoding)
+    out = dict(decoding)
+    out["repetition_penalty"] = max(float(out.get("repetition_penalty", 1.0)), NO_LOOP_DECODING["repetition_penalty"])
+    out["no_repeat_ngram_size"] = out.get("no_repeat_ngram_size") or NO_LOOP_DECODING["no_repeat_ngram_size"]
+    if not out.get("use_nucleus_sampling"):
+        out["length_penalty"] = max(float(out.get("length_penalty", 1.0)), 1.0)
+    return out
 
 
 class Blip2Pipeline:

@@ -31,7 +31,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    app = AppProcess(args.model, out / ".app.log", gallery_size=1000).wait()
+    app = AppProcess(args.model, out / ".app.log", gallery_size=1000,
+                     BLIP2LAB_MODELS="shapes-opt,shapes-t5,mini-real").wait()
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
@@ -39,15 +40,14 @@ def main() -> None:
             page.set_default_timeout(60_000)
             page.goto(app.url, wait_until="load")
 
-            # Chat: a composed-looking example scene, two turns.
-            page.locator("#chat-input input[type=file]").set_input_files(str(ASSETS / "three-shapes.png"))
+            # Chat: the held-out example, two turns; each answer names its model (and what it never saw).
+            page.locator("#chat-input input[type=file]").set_input_files(str(ASSETS / "novel-purple-triangle.png"))
             expect(page.locator("#chat-input img")).to_have_count(1)
-            for question in ("what color is the circle?", "how many shapes are there?"):
+            for n, question in enumerate(("how many shapes are there?", "is there a purple triangle?"), 1):
                 page.locator("#chat-input textarea").fill(question)
                 page.locator("#chat-input textarea").press("Enter")
                 expect(page.locator("#chatbot [data-testid=user]").last).to_contain_text(question)
-                expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(
-                    1 + (question == "how many shapes are there?"))
+                expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(n)
             page.wait_for_timeout(500)
             page.screenshot(path=out / "chat.png", full_page=True)
 
@@ -63,7 +63,7 @@ def main() -> None:
             # Search.
             page.get_by_role("tab", name="Search").click()
             page.get_by_role("button", name="Search", exact=True).click()
-            expect(page.locator("#search-status")).to_contain_text("ranked by")
+            expect(page.locator("#search-status")).to_contain_text("re-ranked by ITM")
             page.wait_for_timeout(800)
             page.screenshot(path=out / "search.png", full_page=True)
 

@@ -1,18 +1,21 @@
 """The app's handlers called directly (no server), tab by tab (the modules of app/): chat
-turns and their history format, decoding controls, caption and maps, Grad-CAM, search, the
-gallery, the scene composer, the model tab, and bad input of every kind the issue names.
+turns and their history format, who answered and what it cannot know, decoding controls,
+caption and maps, Grad-CAM, search with both rankings, the gallery, the scene composer, the
+per-session model choice, refusals on the page (a toast, the outputs untouched), and bad
+input of every kind the issue names.
 
 Runs on the shipped shapes-opt when it is there, else on a tiny random pipeline
 (tests/app_fixture.py): nothing here depends on the answers being right."""
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import numpy as np
 import pytest
 import torch
-from app_fixture import ROOT, model_for_tests
+from app_fixture import ROOT, build_tiny_shapes_pipeline, model_for_tests
 from PIL import Image
 
 sys.path.insert(0, str(ROOT))  # the app/ package lives at the repository root, beside app.py
@@ -36,9 +39,15 @@ GALLERY_SIZE = 30
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     model = model_for_tests(tmp_path_factory.mktemp("model"))
-    out = server.setup(server.Settings(model=model, gallery_size=GALLERY_SIZE))
-    assert out.base_ready.wait(60) and out.base_error is None
+    out = server.setup(server.Settings(model=model, models=(model,), gallery_size=GALLERY_SIZE))
+    assert server.SEARCH.ready.wait(60) and server.SEARCH.error is None
     return out
+
+
+def turn(message, state, *decoding, model=None):
+    """chat() -> (messages, prompt, state), the page's view of one turn."""
+    answer, by, prompt, messages, state = chat_tab.chat(message, state, model, *(decoding or DECODING))
+    return messages, prompt, state
 
 
 @pytest.fixture
@@ -56,33 +65,80 @@ def files(tmp_path):
 
 
 def answer_of(messages):
-    return messages[-1]["content"]
+    return messages[-1]["content"].split("\n\n<sub>")[0]
 
 
 def test_chat_turns_use_the_reference_history_format(loaded, files):
     state = chat_tab.new_chat()
-    messages, box, prompt, state = chat_tab.chat({"text": "what color is the triangle?", "files": [files["scene"]]},
-                                            state, *DECODING)
-    assert box is None and prompt == "Question: what color is the triangle? Answer:"
+    answer, by, prompt, messages, state = chat_tab.chat({"text": "what color is the triangle?",
+                                                         "files": [files["scene"]]}, state, None, *DECODING)
+    assert prompt == "Question: what color is the triangle? Answer:"
     a1 = state["turns"][0][1]
+    assert answer == a1 and by.startswith(f"answered by {loaded.name}") and state["turns"][0][2] == by
     assert messages[0]["content"] == {"path": files["scene"]} and messages[-1]["role"] == "assistant"
-    messages, _, prompt, state = chat_tab.chat({"text": "where is it?", "files": []}, state, *DECODING)
+    assert messages[-1]["content"] == f"{a1 or '(an empty answer)'}\n\n<sub>{by}</sub>"  # the model beside it
+    messages, prompt, state = turn({"text": "where is it?", "files": []}, state)
     assert prompt == f"Question: what color is the triangle? Answer: {a1}. Question: where is it? Answer:"
     assert loaded.pipe.processor.chat_prompt([("what color is the triangle?", a1)], "where is it?") == prompt
     assert len(messages) == 5
 
     messages, box, state = chat_tab.chat_undo(state)
     assert len(state["turns"]) == 1 and box == {"text": "where is it?", "files": []} and len(messages) == 3
-    messages, prompt, state, seed = chat_tab.chat_retry(state, *DECODING)
+    messages, prompt, state, seed = chat_tab.chat_retry(state, None, *DECODING)
     assert len(state["turns"]) == 1 and seed == 0 and prompt == "Question: what color is the triangle? Answer:"
-    messages, prompt, state, seed = chat_tab.chat_retry(state, "nucleus sampling", *DECODING[1:])
+    messages, prompt, state, seed = chat_tab.chat_retry(state, None, "nucleus sampling", *DECODING[1:])
     assert seed == 1  # sampling draws again
 
     # A new image starts a new conversation; an image alone asks for a question.
-    messages, _, prompt, state = chat_tab.chat({"text": "", "files": [str(ASSETS / "red-circle.png")]}, state,
-                                               *DECODING)
+    messages, prompt, state = turn({"text": "", "files": [str(ASSETS / "red-circle.png")]}, state)
     assert state["turns"] == [] and prompt == "" and len(messages) == 1
     assert chat_tab.chat_clear()[-1] == chat_tab.new_chat()
+
+
+def test_answers_say_who_answered_and_what_it_never_saw(loaded, files):
+    note = chat_tab.answer_note("shapes-opt", "is there a purple triangle?", True)
+    assert note.startswith("answered by shapes-opt") and "never saw a purple triangle" in note
+    assert "never saw" not in chat_tab.answer_note("shapes-opt", "is there a red circle?", True)
+    assert "never saw" not in chat_tab.answer_note("mini-real", "is there a purple triangle?", False)
+    photo = chat_tab.answer_note(routing.PHOTO_MODEL, "what is it?", False, "shapes-opt")
+    assert "instead of shapes-opt" in photo and "cannot count" in photo and "cut at" not in photo
+    assert "cut at 10 new tokens" in chat_tab.answer_note(routing.PHOTO_MODEL, "what is it?", False, cut_at=10)
+    _, by, _, messages, _ = chat_tab.chat({"text": "is there a purple triangle?",
+                                           "files": [str(ASSETS / "novel-purple-triangle.png")]}, None, None, *DECODING)
+    assert loaded.name in by and ("never saw a purple triangle" in by) == loaded.is_shapes
+    assert by in messages[-1]["content"]
+
+
+def test_a_refusal_on_the_page_is_a_toast_and_leaves_everything_usable(loaded, files):
+    """The page's handler never raises: a toast (gr.Warning) and gr.skip() for every output
+    (no "Error" badge covering the conversation); a refused image leaves the box, the question stays."""
+    state = turn({"text": "what color is the triangle?", "files": [files["scene"]]}, chat_tab.new_chat())[2]
+    for name in ("text", "huge"):
+        with pytest.warns(UserWarning, match="not an image|too large"):
+            out = chat_tab.chat_on_page({"text": "what is it?", "files": [files[name]]}, state, None, *DECODING)
+        chatbot, box, prompt, new_state = out
+        assert chatbot == gr.skip() and prompt == gr.skip() and new_state == gr.skip()
+        assert box == {"text": "what is it?", "files": []}  # the bad file is gone, the question kept
+    with pytest.warns(UserWarning, match="Type a question"):
+        out = chat_tab.chat_on_page({"text": " ", "files": []}, state, None, *DECODING)
+    assert out == (gr.skip(),) * 4  # nothing to drop: the box stays as typed
+    messages, box, prompt, state2 = chat_tab.chat_on_page({"text": "where is it?", "files": []}, state, None,
+                                                          *DECODING)
+    assert box is None and len(state2["turns"]) == 2  # and the conversation goes on
+    with pytest.warns(UserWarning, match="not an image"):
+        image, *rest = server.on_page(lambda *a: (gr.skip(),) + caption_tab.caption_maps(*a), 10,
+                                      caption_tab._refused(9))(files["text"])
+    assert image is None and rest == [gr.skip()] * 9  # the caption tab drops the bad image, keeps the rest
+
+
+def test_refusals_print_no_traceback(loaded, files, caplog):
+    caplog.set_level("INFO", logger="blip2lab.app")
+    with pytest.raises(gr.Error):
+        chat_tab.chat({"text": "what is it?", "files": [files["text"]]}, None, None, *DECODING)
+    assert "refused" in caplog.text and "Traceback" not in caplog.text
+    with pytest.raises(server.UserError) as raised:
+        server.open_image(files["text"])
+    assert raised.value.image and not raised.value.print_exception
 
 
 def test_decoding_controls_map_to_blip2lab_options_and_grey_out(loaded):
@@ -109,36 +165,36 @@ def test_decoding_controls_map_to_blip2lab_options_and_grey_out(loaded):
 def test_bad_images_get_friendly_errors(loaded, files):
     for name, match in (("text", "not an image"), ("corrupt", "not an image"), ("huge", "too large")):
         with pytest.raises(gr.Error, match=match):
-            chat_tab.chat({"text": "what is it?", "files": [files[name]]}, chat_tab.new_chat(), *DECODING)
+            turn({"text": "what is it?", "files": [files[name]]}, chat_tab.new_chat())
         with pytest.raises(gr.Error, match=match):
             caption_tab.caption_maps(files[name])
     with pytest.raises(gr.Error, match="Add an image"):
-        chat_tab.chat({"text": "what is it?", "files": []}, chat_tab.new_chat(), *DECODING)
+        turn({"text": "what is it?", "files": []}, chat_tab.new_chat())
     with pytest.raises(gr.Error, match="Add an image"):
         caption_tab.caption_maps(None)
     for name in ("grey", "rgba"):
         assert server.open_image(files[name]).mode == "RGB"
-        _, _, prompt, state = chat_tab.chat({"text": "what shape is on the top middle?", "files": [files[name]]},
-                                            chat_tab.new_chat(), *DECODING)
+        _, prompt, state = turn({"text": "what shape is on the top middle?", "files": [files[name]]},
+                                chat_tab.new_chat())
         assert len(state["turns"]) == 1
-    with pytest.warns(UserWarning, match="shapes-world scene"):
-        chat_tab.chat({"text": "", "files": [str(ASSETS / "not-a-scene.png")]}, chat_tab.new_chat(), *DECODING)
+    with pytest.warns(UserWarning, match="shapes-world scene|looks like a photo"):
+        turn({"text": "", "files": [str(ASSETS / "not-a-scene.png")]}, chat_tab.new_chat())
 
 
 def test_questions_empty_long_and_a_long_chat(loaded, files):
-    state = chat_tab.chat({"text": "", "files": [files["scene"]]}, chat_tab.new_chat(), *DECODING)[-1]
+    state = turn({"text": "", "files": [files["scene"]]}, chat_tab.new_chat())[-1]
     with pytest.raises(gr.Error, match="Type a question"):
-        chat_tab.chat({"text": "   ", "files": []}, state, *DECODING)
+        turn({"text": "   ", "files": []}, state)
     with pytest.warns(UserWarning, match="characters"):
-        _, _, prompt, state = chat_tab.chat({"text": "what " * 2000, "files": []}, state, *DECODING)
+        _, prompt, state = turn({"text": "what " * 2000, "files": []}, state)
     assert len(state["turns"]) == 1 and prompt.endswith("Answer:")
     pipe = loaded.pipe
     limit = pipe.model.llm.model.config.max_position_embeddings
     history = [["how many shapes are there? " * 4, "one"]] * 40  # far more than the LLM reads
     long_chat = {"image": files["scene"], "turns": history}
     with pytest.warns(UserWarning, match="oldest"):
-        _, _, prompt, state = chat_tab.chat({"text": "what color is it?", "files": []}, long_chat, *DECODING)
-    assert state["turns"][:-1] == history and state["turns"][-1][0] == "what color is it?"
+        _, prompt, state = turn({"text": "what color is it?", "files": []}, long_chat)
+    assert [t[:2] for t in state["turns"][:-1]] == history and state["turns"][-1][0] == "what color is it?"
     assert prompt.startswith("Question: how many shapes") and prompt.endswith("Question: what color is it? Answer:")
     assert pipe.processor.generation_batch([prompt])["llm_ids"].shape[1] + 10 + \
         pipe.model.config.qformer.num_queries <= limit
@@ -146,13 +202,13 @@ def test_questions_empty_long_and_a_long_chat(loaded, files):
 
 def test_caption_maps_selectors_words_and_raw_maps(loaded):
     image = str(ASSETS / "three-shapes.png")
-    caption, small, big, words, cam_image, info, npz, cache = caption_tab.caption_maps(image, "all", "all", "mean",
-                                                                                       "all")
+    caption, by, small, big, words, cam_image, info, npz, cache = caption_tab.caption_maps(image, "all", "all",
+                                                                                           "mean", "all")
     cfg = loaded.pipe.model.config.qformer
-    assert isinstance(caption, str) and len(small) == cfg.num_queries
+    assert isinstance(caption, str) and len(small) == cfg.num_queries and f"Captioned by **{loaded.name}**" in by
     assert Image.open(small[0][0]).size == (96, 96) and Image.open(big).size == (320, 320)
-    assert small[3][1] == "query 3" and "Grad-CAM" in info
-    layers = caption_tab.cross_layers()
+    assert small[3][1] == "query 3" and "Grad-CAM" in info and "log-odds" in info
+    layers = caption_tab.cross_layers(loaded)
     with np.load(npz) as raw:
         assert raw["cross_attention"].shape[:3] == (len(layers), cfg.num_heads, cfg.num_queries)
         assert list(raw["cross_attention_layers"]) == layers and str(raw["caption"]) == caption
@@ -165,9 +221,12 @@ def test_caption_maps_selectors_words_and_raw_maps(loaded):
         caption_tab.caption_maps(image, "999")
 
     text = "a small green circle on the top right"
-    words, cam_image, info, npz = caption_tab.gradcam(image, text, "last", "all")
+    words, cam_image, info, npz = caption_tab.gradcam(image, text, "last", word="all")
     assert [w for w, _ in words] == text.split() and max(s for _, s in words) == 1.0
-    assert "the whole text" in info
+    assert "the whole text" in info and "log-odds" in info
+    assert caption_tab.log_odds(0.5) == 0 and abs(caption_tab.log_odds(0.962) - 3.23) < 0.01
+    _, _, info, _ = caption_tab.gradcam(image, "a purple triangle")
+    assert ("never saw a purple triangle" in info) == loaded.is_shapes
     cam_image2, info2 = caption_tab.pick_word({"image": Image.open(image), "maps": None, "cam": loaded.pipe.gradcam(
         image, text)}, gr.SelectData(None, {"index": 3, "value": "circle"}))
     assert "“circle”" in info2 and Path(cam_image2).is_file()
@@ -181,24 +240,29 @@ def test_caption_maps_selectors_words_and_raw_maps(loaded):
 def test_search_both_ways_with_session_additions(loaded, files):
     session = search_tab.new_session_gallery()
     caption = world.caption(world.make_gallery("test", GALLERY_SIZE, seed=0)[4])
-    images, table, status, hits = search_tab.search(DIRECTIONS[0], caption, None, "ITC", 5, session)
-    assert [r[0] for r in table] == [1, 2, 3, 4, 5] and len(images) == 5 and "ITC" in status
-    assert [r[2] for r in table] == sorted((r[2] for r in table), reverse=True)
-    assert all(r[1].startswith(("scene:", "example:")) for r in table)
-    _, table, _, _ = search_tab.search(DIRECTIONS[0], caption, None, "ITC + ITM re-rank", 5, session)
-    assert all(0 <= r[3] <= 1 for r in table)
-    images, table, _, _ = search_tab.search(DIRECTIONS[1], "", files["scene"], "ITC + ITM re-rank", 3, session)
-    assert images == [] and len(table) == 3
+    itc_images, itm_images, table, status, hits = search_tab.search(DIRECTIONS[0], caption, None, 5, session)
+    assert len(itc_images) == len(itm_images) == 5 and "ITC" in status and "ITM" in status
+    assert [h["rank"] for h in hits["itc"]] == [1, 2, 3, 4, 5] == [h["rank"] for h in hits["itm"]]
+    cosines = [h["itc_cosine"] for h in hits["itc"]]
+    assert cosines == sorted(cosines, reverse=True)  # the left gallery: ITC's order
+    scores = [h["score"] for h in hits["itm"]]
+    assert scores == sorted(scores, reverse=True)  # the right one: ITM logit + cosine
+    assert all(r[2].startswith(("scene:", "example:")) and 0 <= r[4] <= 1 for r in table)
+    assert {r[2] for r in table} == {h["key"] for h in hits["itc"] + hits["itm"]}
+    assert {r[5] for r in table} <= {"✓", "✗"} and "hold" in status
+    assert [r[2] for r in table if r[1] != "-"] == [h["key"] for h in hits["itm"]]  # ITM order first
+    itc_images, itm_images, table, _, _ = search_tab.search(DIRECTIONS[1], "", files["scene"], 3, session)
+    assert itc_images == itm_images == [] and 3 <= len(table) <= 6
 
     with pytest.warns(UserWarning, match="Skipped 1 file"):
         status, session = search_tab.gallery_add([files["scene"], files["text"]], session)
     assert "Added 1 image(s)" in status and session["gallery"].num_images == 1
     status, session = search_tab.gallery_add_texts("a green triangle\n\nmy own words", session)
     assert session["gallery"].texts == ["a green triangle", "my own words"]
-    _, table, _, _ = search_tab.search(DIRECTIONS[0], "a green triangle", None, "ITC", 50, session)
-    assert any(r[1].startswith("upload:") for r in table)  # 30 scenes + 6 examples + 1 upload, all ranked
-    _, table, _, _ = search_tab.search(DIRECTIONS[1], "", files["scene"], "ITC", 50, session)
-    assert {"a green triangle", "my own words"} <= {r[1] for r in table}
+    _, _, table, _, _ = search_tab.search(DIRECTIONS[0], "a green triangle", None, 50, session)
+    assert any(r[2].startswith("upload:") and r[5] == "" for r in table)  # 30 scenes + 6 examples + 1 upload
+    _, _, table, _, _ = search_tab.search(DIRECTIONS[1], "", files["scene"], 50, session)
+    assert {"a green triangle", "my own words"} <= {r[2] for r in table}
     assert search_tab.gallery_reset()[1]["gallery"].num_images == 0
 
     with pytest.raises(gr.Error, match="Type a text"):
@@ -209,24 +273,34 @@ def test_search_both_ways_with_session_additions(loaded, files):
         search_tab.gallery_add([], session)
 
 
+def test_search_says_how_many_hold_it_and_flags_held_out_pairs(loaded):
+    *_, status, _ = search_tab.search(DIRECTIONS[0], "a red circle", None, 5, None)
+    truth = server.SEARCH.base.count_holding("a red circle")
+    assert f"**{truth}** of the shared gallery's images hold 'a red circle'" in status and "never saw" not in status
+    *_, status, _ = search_tab.search(DIRECTIONS[0], "a purple triangle", None, 5, None)
+    assert ("never saw a purple triangle" in status) == server.SEARCH.loaded.is_shapes
+    assert "**1** of the shared gallery's images" in status  # the shipped example novel-purple-triangle.png
+
+
 def test_search_with_an_empty_gallery(loaded, monkeypatch):
-    monkeypatch.setattr(loaded.base, "gallery", Gallery())
+    monkeypatch.setattr(server.SEARCH.base, "gallery", Gallery())
     with pytest.raises(gr.Error, match="no images"):
-        search_tab.search(DIRECTIONS[0], "a red circle", None, "ITC", 5, search_tab.new_session_gallery())
+        search_tab.search(DIRECTIONS[0], "a red circle", None, 5, search_tab.new_session_gallery())
     with pytest.raises(gr.Error, match="no texts"):
-        search_tab.search(DIRECTIONS[1], "", str(ASSETS / "red-circle.png"), "ITC", 5, search_tab.new_session_gallery())
+        search_tab.search(DIRECTIONS[1], "", str(ASSETS / "red-circle.png"), 5, search_tab.new_session_gallery())
 
 
 def test_clicking_a_result_searches_by_it(loaded):
     session = search_tab.new_session_gallery()
-    *_, hits = search_tab.search(DIRECTIONS[0], "a large red circle on the top left", None, "ITC", 3, session)
-    out = search_tab.search_by_result(hits, DIRECTIONS[0], "ITC", 3, session,
-                                      gr.SelectData(None, {"index": 1, "value": None}))
-    direction, _, query_image, images, table, status, new_hits, _ = out
-    assert direction == DIRECTIONS[1] and Path(query_image).is_file() and len(table) == 3
-    out = search_tab.search_by_result(new_hits, direction, "ITC", 3, session,
-                                      gr.SelectData(None, {"index": [0, 1], "value": None}))
-    assert out[0] == DIRECTIONS[0] and out[1] == new_hits[0]["key"] and len(out[4]) == 3
+    *_, hits = search_tab.search(DIRECTIONS[0], "a large red circle on the top left", None, 3, session)
+    for which in ("itc", "itm", "table"):
+        out = search_tab._by_result(which)(hits, DIRECTIONS[0], 3, session,
+                                           gr.SelectData(None, {"index": 1, "value": None}))
+        direction, _, query_image, _, _, table, status, new_hits, _ = out
+        assert direction == DIRECTIONS[1] and Path(query_image).is_file() and len(table) >= 3
+    out = search_tab._by_result("table")(new_hits, direction, 3, session,
+                                         gr.SelectData(None, {"index": [0, 1], "value": None}))
+    assert out[0] == DIRECTIONS[0] and out[1] == new_hits["table"][0] and len(out[4]) == 3
 
 
 def test_folder_indexing_is_local_only(loaded, files, tmp_path, monkeypatch):
@@ -246,8 +320,8 @@ def test_folder_indexing_is_local_only(loaded, files, tmp_path, monkeypatch):
         for path in (str(folder), "..", "../..", "/", "/etc"):
             with pytest.raises(gr.Error, match="local-only"):
                 search_tab.gallery_add_folder(path, search_tab.new_session_gallery())
-        with pytest.raises(gr.Error, match="local-only"):
-            model_tab.switch_model(str(tmp_path))
+        with pytest.raises(gr.Error, match="local-only|not one of this server's models"):
+            model_tab.select_model(str(tmp_path))
 
 
 def test_scene_composer(loaded):
@@ -271,26 +345,56 @@ def test_scene_composer(loaded):
 
 def test_model_tab(loaded):
     info = model_tab.model_info()
-    assert loaded.name in info and "Q-Former" in info and "parameters" in info
-    assert loaded.name in model_tab.header_markdown()
+    assert loaded.name in info and "Q-Former" in info and "parameters" in info and "decoder-only LLM" in info
+    header = model_tab.header_markdown()
+    assert loaded.name in header and "Try this first" in header
     with pytest.raises(gr.Error, match="unknown model|not a"):
-        model_tab.switch_model("no-such-model")
-    assert server.APP is loaded  # a failed switch keeps the model
-    info, header, *updates = model_tab.switch_model(loaded.name)  # reload the same model (local: folders allowed)
-    assert loaded.name in info and len(updates) == 4 and updates[0]["choices"][0] == "all"
-    assert server.APP.base_ready.wait(60)
+        model_tab.select_model("no-such-model")
+    info, header, name, *updates = model_tab.select_model(loaded.name)
+    assert name == loaded.name and loaded.name in info and len(updates) == 4 and updates[0]["choices"][0] == "all"
+    assert server.model(loaded.name) is loaded  # held once, shared: a pick loads nothing again
+
+
+def test_a_model_pick_is_per_session_and_hosted_servers_offer_their_list_only(loaded, monkeypatch, tmp_path):
+    """Sessions pass their own model name; nothing global changes. Hosted, only the list."""
+    other = model_for_tests(tmp_path)  # a second copy of the test model, under another name
+    if other == loaded.name:
+        other = str(build_tiny_shapes_pipeline(tmp_path / "shapes-second"))
+    _, by, *_ = chat_tab.chat({"text": "how many shapes are there?", "files": [str(ASSETS / "red-circle.png")]},
+                              None, other, *DECODING)
+    assert by.startswith(f"answered by {server.model(other).name}")
+    _, by, *_ = chat_tab.chat({"text": "how many shapes are there?", "files": [str(ASSETS / "red-circle.png")]},
+                              None, None, *DECODING)
+    assert by.startswith(f"answered by {loaded.name}")  # the other session's pick changed nothing here
+    monkeypatch.setattr(server.SETTINGS, "hosted", True)
+    with pytest.raises(gr.Error, match="not one of this server's models"):
+        model_tab.select_model("Salesforce/blip2-opt-2.7b")
+    assert model_tab.select_model(loaded.name)[2] == loaded.name
+    # Memory stays bounded: at most max_models held, the least recently used other than the default goes.
+    monkeypatch.setattr(server, "_load_pipe", lambda name, retrieval, settings: SimpleNamespace(name=name))
+    models = server.Models(server.Settings(model="a", search_model="a", models=("a", "b", "c"), max_models=2))
+    assert models.get("b") is models.get("b") and models.get("a").name == "a"
+    models.get("c")
+    assert models.held() == ["a", "c"]
 
 
 def test_a_photo_sent_to_a_shapes_model_is_answered_by_mini_real(loaded):
     if not loaded.is_shapes or routing.PHOTO_MODEL not in PRESETS:  # the tiny random fallback model
-        assert server.photo_model_for(Image.open(ASSETS / "not-a-scene.png").convert("RGB")) is None
+        assert server.photo_model_for(loaded, Image.open(ASSETS / "not-a-scene.png").convert("RGB")) is None
         return
     scene = Image.open(ASSETS / "red-circle.png").convert("RGB")
-    assert server.photo_model_for(scene) is None  # scenes stay with the shapes model
+    assert server.photo_model_for(loaded, scene) is None  # scenes stay with the shapes model
     with pytest.warns(UserWarning, match=routing.PHOTO_MODEL):
-        messages, _, prompt, state = chat_tab.chat({"text": "what is in the picture?",
-                                                    "files": [str(ASSETS / "not-a-scene.png")]}, chat_tab.new_chat(),
-                                                   *DECODING)
-    assert loaded.photo_pipe is not None and loaded.photo_pipe.name == routing.PHOTO_MODEL
-    assert loaded.photo_pipe.model.config.llm.kind == "decoder" and isinstance(answer_of(messages), str)
+        answer, by, prompt, messages, state = chat_tab.chat(
+            {"text": "what is in the picture?", "files": [str(ASSETS / "not-a-scene.png")]}, None, None,
+            "beam search", 5, 40, 0, 1.0, 0.9, -1.0, 1.0, 0)
+    photo = server.model(routing.PHOTO_MODEL)
+    assert photo.pipe.model.config.llm.kind == "decoder" and isinstance(answer, str)
+    assert by.startswith(f"answered by {routing.PHOTO_MODEL}") and f"instead of {loaded.name}" in by
+    words = answer.split()
+    assert len(words) < 4 or max(words.count(w) for w in set(words)) <= len(words) // 2  # no loop
     assert routing.PHOTO_MODEL in model_tab.header_markdown()
+    assert "llama layout" in model_tab.llm_kind(photo) and "SmolLM2" in model_tab.llm_kind(photo)
+    caption, by, *_ = caption_tab.caption_maps(str(ASSETS / "not-a-scene.png"))  # the caption tab routes too
+    assert f"captioned by **{routing.PHOTO_MODEL}**" in by
+    assert not any(caption.count(w) > 3 for w in caption.split())

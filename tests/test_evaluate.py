@@ -257,3 +257,17 @@ def test_object_f1_by_hand():
     assert E.object_f1([[]], [[]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "exact_match": 1.0}
     with pytest.raises(ValueError, match="scenes"):
         E.object_f1(pred, true[:2])
+
+
+def test_recall_any_at_k_by_hand():
+    from blip2lab.evaluate import recall_any_at_k
+
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.9, 0.1, 0.2, 0.3]])  # (2 texts, 4 images)
+    positive = torch.tensor([[False, True, True, False], [False, False, False, True]])
+    out = recall_any_at_k(scores, positive, ks=(1, 2))
+    # text 0: best right image ranked 2nd; text 1: its only right image ranked 2nd
+    assert out["r1"] == 0.0 and out["r2"] == 1.0
+    # p2: text 0 has 1 right of its top 2 (of 2 possible), text 1 has 1 of 1 possible
+    assert abs(out["p2"] - (0.5 + 1.0) / 2) < 1e-6 and out["p1"] == 0.0
+    with pytest.raises(ValueError, match="at least one right image"):
+        recall_any_at_k(scores, torch.zeros(2, 4, dtype=torch.bool))

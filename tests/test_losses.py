@@ -150,3 +150,26 @@ def test_lm_loss_per_item_weighs_items_alike():
     empty = torch.full((1, 5), -100)
     both = L.lm_loss(torch.cat([logits, logits[:1]]), torch.cat([labels, empty]), per_item=True)["lm_loss"]
     assert both.item() == pytest.approx(per_item.item(), abs=1e-6)
+
+
+def test_true_pairs_are_never_drawn_as_negatives_either_way():
+    """Text 0 ("a red circle") is true of image 2 too: image 2 is never its negative, nor is
+    text 0 image 2's; the relation is not symmetric, so text 2 may still be image 0's."""
+    g = torch.Generator().manual_seed(0)
+    true_of = torch.eye(3, dtype=torch.bool)
+    true_of[0, 2] = True
+    pos = torch.eye(3, dtype=torch.bool)
+    t2i, i2t = L.true_pairs(true_of, pos)
+    assert t2i.tolist() == [[True, False, True], [False, True, False], [False, False, True]]
+    assert torch.equal(i2t, t2i.t())
+    sim = torch.zeros(3, 3)
+    sim[0, 2] = sim[2, 0] = 50.0  # a naive sampler picks the true pair
+    drawn = set()
+    for _ in range(200):
+        neg_img, neg_txt, _, _ = L.sample_hard_negatives(sim, sim, t2i, g, positive_i2t=i2t)
+        assert neg_img[0] != 2 and neg_txt[2] != 0
+        drawn.add(int(neg_txt[0]))
+    assert 2 in drawn  # image 0's negative may be text 2: text 2 is not true of image 0
+    # rank 1 of 2: this rank's block is columns 3..5
+    t2i, _ = L.true_pairs(true_of, torch.zeros(3, 6, dtype=torch.bool), rank=1)
+    assert t2i[:, :3].sum() == 0 and torch.equal(t2i[:, 3:], true_of)

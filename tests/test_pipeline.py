@@ -194,3 +194,21 @@ def test_half_precision_storage_and_a_linked_retrieval_model(tmp_path, image_fil
     (tmp_path / "stage2" / "pipeline.json").write_text('{"retrieval": "../nowhere"}')
     with pytest.raises(ValueError, match="not a blip2lab checkpoint folder"):
         blip2lab.load(tmp_path / "stage2")
+
+
+def test_no_loops_guards_chat_template_models_only():
+    from types import SimpleNamespace
+
+    from blip2lab.pipeline import NO_LOOP_DECODING, no_loops
+
+    vqa = lavis_decoding(False, 5, 40, 0, length_penalty=-1.0)
+    assert no_loops(SimpleNamespace(chat_template=False), vqa) == vqa  # the paper's decoding, untouched
+    guarded = no_loops(SimpleNamespace(chat_template=True), vqa)
+    assert guarded["repetition_penalty"] == NO_LOOP_DECODING["repetition_penalty"] == 1.5
+    assert guarded["no_repeat_ngram_size"] == 3 and guarded["length_penalty"] == 1.0
+    assert guarded["max_new_tokens"] == 40  # the chat's length is honoured
+    assert no_loops(SimpleNamespace(chat_template=True), vqa | {"repetition_penalty": 1.8})["repetition_penalty"] == 1.8
+    sampled = no_loops(SimpleNamespace(chat_template=True), lavis_decoding(True, 1, 20, seed=0))
+    assert "length_penalty" not in sampled and sampled["no_repeat_ngram_size"] == 3
+    decoding_config(VQA_DECODING, **guarded)  # valid options
+    decoding_config(VQA_DECODING, **sampled)

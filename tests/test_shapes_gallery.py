@@ -65,3 +65,14 @@ def test_an_empty_gallery_and_examples_without_their_folder(pipe):
     assert empty.gallery.num_images == empty.gallery.num_texts == 0 and empty.scenes == []
     with pytest.raises(ValueError, match="examples_dir"):
         build_gallery(pipe, 0, examples=EXAMPLES)
+
+
+def test_holds_says_which_images_a_partial_text_is_true_of():
+    scenes = [world.Scene([world.place_object("circle", "red", "large", "top", "left")]),
+              world.Scene([world.place_object("triangle", "red", "small", "bottom", "right")])]
+    gallery = ShapesGallery(scenes=scenes, examples={"a.png": "a small red triangle on the bottom right",
+                                                     "b.png": "a colour gradient"})
+    assert gallery.holds("scene:0", "a red circle") and not gallery.holds("scene:1", "a red circle")
+    assert gallery.holds("example:a.png", "a red triangle") and gallery.holds("example:b.png", "a red shape") is False
+    assert gallery.holds("upload:0:x.png", "a red circle") is None  # unknown content
+    assert gallery.count_holding("a red shape") == 3 and gallery.count_holding("a cat") == 0

@@ -92,6 +92,7 @@ def test_shipped_preset_is_what_the_shipped_models_recorded_and_quick_is_it_shor
     recorded.setdefault("stage2_prefix_lm", 0.0)  # likewise: "a photo of" -> caption
     recorded.setdefault("stage2_paraphrases", False)  # likewise: the canonical caption
     recorded.setdefault("visual_prompt_norm", "none")  # likewise: the paper's prompt
+    recorded.setdefault("stage1_partial_captions", 0.0)  # likewise: whole-scene paraphrases only
     shipped = dataclasses.asdict(recipe.PRESETS["shipped"])
     assert {k: v for k, v in shipped.items() if k != "name"} == {
         k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k != "name"}
@@ -119,6 +120,38 @@ def test_stage1_siblings_share_a_batch():
     assert batch["image_embeds"].shape[0] == 8  # 4 (original, sibling) pairs
     ids = batch["image_ids"].tolist()
     assert sorted(i % 8 for i in ids[0::2]) == sorted(i % 8 for i in ids[1::2]) and all(i >= 8 for i in ids[1::2])
+
+
+def test_stage1_partial_captions_mark_every_scene_they_are_true_of(built, tmp_path):
+    import torch
+
+    scenes = recipe.with_siblings(recipe.world.make_split("train", 40, 0), seed=0)
+    data = recipe.Stage1Data(torch.zeros(80, 3, 4), scenes, seed=0, siblings=True, partial=0.5)
+    items = [it for i in range(len(data)) for it in data[i]]
+    assert all(recipe.world.describes(it["text"], scenes[it["image_id"]]) for it in items)
+    partial = sum(recipe.world.parse_caption(it["text"]) != scenes[it["image_id"]].tuples() for it in items)
+    assert 20 <= partial <= 60  # about half of 80, some of them the whole scene by chance
+    with pytest.raises(ValueError, match="stage1_partial_captions"):
+        recipe.Stage1Data(torch.zeros(80, 3, 4), scenes, partial=1.5)
+
+    preset = recipe.preset_with("tiny", ["stage1_siblings=true", "stage1_batch=16", "stage1_partial_captions=0.5"])
+    processor = recipe.processor_for(recipe.shapes_config(None, preset), recipe.BACKBONES)
+    batch = recipe.stage1_stream(torch.zeros(80, 3, 4), scenes, preset, processor, seed=0)(0)
+    true_of = batch["text_true_of"]  # (16, 16)
+    assert true_of.shape == (16, 16) and true_of.diagonal().all() and true_of.sum() > 16
+    assert "text_true_of" not in recipe.stage1_stream(torch.zeros(80, 3, 4), scenes,
+                                                      recipe.preset_with("tiny", ["stage1_siblings=true"]),
+                                                      processor, seed=0)(0)  # the shipped path: unchanged
+    assert recipe.text_true_of(["a red circle", "a blue square"], [
+        recipe.world.Scene([recipe.world.place_object("circle", "red", "small", "top", "left")])] * 2).tolist() == [
+        [True, True], [False, True]]
+
+    # Stage 1 continued from a stage-1 folder, with partial descriptions: one step, and it says where it began.
+    out = tmp_path / "partial"
+    assert cli(["shapes", "train", "stage1", "--stage1", str(built / "stage1"), "--preset", "tiny", "--set",
+                "stage1_steps=1", "warmup=1", "stage1_partial_captions=0.5", "--out", str(out), "--quiet"]) == 0
+    record = json.loads((out / "recipe.json").read_text())
+    assert record["init"] == str(built / "stage1") and record["preset"]["stage1_partial_captions"] == 0.5
 
 
 def test_question_aware_stage2_masks_captions_out_and_answers(built, tmp_path):

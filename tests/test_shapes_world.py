@@ -271,3 +271,40 @@ def test_rearranged_moves_objects_only():
         assert sorted(o.as_tuple()[:3] for o in moved.objects) == sorted(o.as_tuple()[:3] for o in scene.objects)
         assert len({o.cell for o in moved.objects}) == len(moved.objects)
     assert S.rearranged(scene, 7).to_json() == S.rearranged(scene, 7).to_json()
+
+
+def test_partial_descriptions_are_true_of_their_scene_and_say_less():
+    rng = random.Random(0)
+    scenes = S.make_split("train", 200, seed=3)
+    lengths = []
+    for scene in scenes:
+        text = S.partial_description(scene, rng)
+        said = S.parse_objects_partial(text)
+        assert S.describes(text, scene), (text, S.caption(scene))
+        assert 1 <= len(said) <= len(scene.objects) and all(any(v for v in o.values()) for o in said)
+        assert set(text.replace(",", "").split()) <= set(S.VOCABULARY)
+        lengths.append(sum(v is not None for o in said for v in o.values()) / (5 * len(scene.objects)))
+    assert 0.2 < sum(lengths) / len(lengths) < 0.7  # attributes and objects do get left out
+    assert S.partial_description(scenes[0], 5) == S.partial_description(scenes[0], 5)
+
+
+def test_describes_by_hand():
+    scene = S.Scene([obj("circle", "red", "large", "top", "left"), obj("square", "blue", "small", "bottom", "right")])
+    for text in ("a red circle", "a large shape on the top", "a blue square and a red circle", "a shape on the right",
+                 S.caption(scene), S.paraphrases(scene, 0, "image_shows")):
+        assert S.describes(text, scene), text
+    for text in ("a blue circle", "a red circle on the bottom", "a red circle and a red circle",
+                 "a small red circle", "hello", "", "a triangle"):
+        assert not S.describes(text, scene), text
+    assert S.describes(S.parse_objects_partial("a red circle"), scene)  # parsed once, for many scenes
+
+
+def test_held_out_mentions_and_object_queries():
+    assert S.held_out_mentions("is there a purple triangle?") == [("purple", "triangle")]
+    assert S.held_out_mentions("a large orange square on the top left and a purple triangle") == [
+        ("orange", "square"), ("purple", "triangle")]
+    assert S.held_out_mentions("a purple circle and an orange triangle") == []
+    queries = S.object_queries()
+    assert len(queries) == 16 * 15 and "a red circle" in queries and "a purple triangle" not in queries
+    assert "a purple triangle" in S.object_queries(allow_held_out=True)
+    assert all(len(S.parse_objects_partial(q)) == 1 for q in queries)

@@ -54,11 +54,12 @@ def test_shipped_figures_hold_their_floor_and_retrieval_is_stage1():
 
 
 def test_shipped_models_are_small_and_documented():
-    # The shapes world's weights (its backbones and BLIP-2 models) within issue 4's 40 MB;
+    # The shapes world's weights (its backbones and BLIP-2 models) within issue 4's 40 MB, plus
+    # the 4.7 MB of shapes-stage1-partial, the app's search model (43.1 MB in all);
     # mini-real has its own 60 MB bound (tests/test_shipped_minireal.py).
     total = sum(f.stat().st_size for f in MODELS_DIR.rglob("*.safetensors")
                 if f.relative_to(MODELS_DIR).parts[0] != "mini-real")
-    assert total <= 40e6
-    for name in ("shapes-stage1", "shapes-opt", "shapes-t5"):
+    assert total <= 45e6
+    for name in ("shapes-stage1", "shapes-stage1-partial", "shapes-opt", "shapes-t5"):
         recipe_file = json.loads((MODELS_DIR / name / "recipe.json").read_text())
         assert "ship_shapes.sh" in recipe_file["command"] and recipe_file["seed"] == 0

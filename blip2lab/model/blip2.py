@@ -167,6 +167,7 @@ class Blip2(nn.Module):
         image_ids: Optional[Tensor] = None,  # (B,) examples of the same image are never ITM negatives
         generator: Optional[torch.Generator] = None,  # for the ITM negative draws
         itm_easy_negatives: float = 0.0,  # share of random ITM negatives (L.sample_hard_negatives)
+        text_true_of: Optional[Tensor] = None,  # (B, B) text i also true of image j: never its ITM negative
         lm_per_item: bool = False,  # stage 2: average the LM loss per item, then over items (L.lm_loss)
         **llm_batch: Tensor,  # stage 2: llm_ids, llm_mask, llm_labels (+ llm_target_*, question_*)
     ) -> dict[str, Tensor]:
@@ -176,14 +177,14 @@ class Blip2(nn.Module):
         stage1 = [name for name in losses if name != "lm"]
         if stage1:
             out |= self._stage1(image, text_ids, text_mask, stage1, label_smoothing, image_ids, generator,
-                                itm_easy_negatives)
+                                itm_easy_negatives, text_true_of)
         if "lm" in losses:
             out |= self._stage2(image, per_item=lm_per_item, **llm_batch)
         return out
 
     def _stage1(self, image: Tensor, text_ids: Optional[Tensor], text_mask: Optional[Tensor], losses: Sequence[str],
                 label_smoothing: float, image_ids: Optional[Tensor], generator: Optional[torch.Generator],
-                itm_easy_negatives: float = 0.0) -> dict:
+                itm_easy_negatives: float = 0.0, text_true_of: Optional[Tensor] = None) -> dict:
         """ITC, ITM and ITG (Sec. 3.2), those named in `losses`."""
         if not self.has_stage1_heads:
             raise ValueError("stage-1 losses need the Q-Former's text side and heads (qformer.text_input=True, "
@@ -201,14 +202,14 @@ class Blip2(nn.Module):
             out |= L.itc_loss(sim_i2t, sim_t2i, dist.rank(), label_smoothing)
         if "itm" in losses:
             out |= self._itm(image, source, text_ids, text_mask, sim_i2t, sim_t2i, image_ids, generator,
-                             itm_easy_negatives)
+                             itm_easy_negatives, text_true_of)
         if "itg" in losses:
             out |= self._itg(source, text_ids, text_mask, img.query_kv, label_smoothing)
         return out
 
     def _itm(self, image: Tensor, source: Tensor | ImageKV, text_ids: Tensor, text_mask: Tensor, sim_i2t: Tensor,
              sim_t2i: Tensor, image_ids: Optional[Tensor], generator: Optional[torch.Generator],
-             easy_share: float = 0.0) -> dict[str, Tensor]:
+             easy_share: float = 0.0, text_true_of: Optional[Tensor] = None) -> dict[str, Tensor]:
         """Positives + one hard negative each way (drawn by ITC similarity) -> the ITM loss over
         (pos, pos) | (pos text, neg image) | (neg text, pos image) pairs (Sec. 3.2)."""
         text_ids = dist.pad_to_common_length(text_ids, self.config.qformer.pad_token_id)  # (B, T_max of all ranks)
@@ -216,7 +217,11 @@ class Blip2(nn.Module):
         ids_all, mask_all = dist.all_gather_no_grad(text_ids), dist.all_gather_no_grad(text_mask)  # (W*B, T)
         ids_of_image_all = None if image_ids is None else dist.all_gather_no_grad(image_ids)
         positive = L.positive_pairs(text_ids, ids_all, dist.rank(), image_ids, ids_of_image_all)  # (B, W*B)
-        neg_img, neg_txt, ok_t, ok_i = L.sample_hard_negatives(sim_i2t, sim_t2i, positive, generator, easy_share)
+        positive_i2t = None
+        if text_true_of is not None:  # a text true of other images too (a partial description)
+            positive, positive_i2t = L.true_pairs(text_true_of, positive, dist.rank())
+        neg_img, neg_txt, ok_t, ok_i = L.sample_hard_negatives(sim_i2t, sim_t2i, positive, generator, easy_share,
+                                                               positive_i2t)
         if bool((ok_t & ok_i).all()):  # the usual case: every row has a negative; index without cutting rows
             ok_t = ok_i = slice(None)
         if dist.is_distributed():  # a negative image may be another rank's: gather it (with gradient)

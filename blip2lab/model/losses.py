@@ -64,10 +64,24 @@ def positive_pairs(text_ids: Tensor, text_ids_all: Tensor, rank: int = 0,
     return positive
 
 
+def true_pairs(text_true_of: Tensor, positive: Tensor, rank: int = 0) -> tuple[Tensor, Tensor]:
+    """`positive` (B, W*B) widened by pairs known to match although they are different
+    examples: text_true_of (B, B), text i of this rank's batch is true of its image j (a
+    partial description, "a red circle", of another scene holding a red circle). Returns
+    the masks for the text rows (text i, image j) and for the image rows (image i, text j).
+    Only this rank's block is known; pairs across ranks keep `positive` alone."""
+    B = text_true_of.shape[0]
+    t2i, i2t = positive.clone(), positive.clone()
+    t2i[:, rank * B:(rank + 1) * B] |= text_true_of
+    i2t[:, rank * B:(rank + 1) * B] |= text_true_of.t()
+    return t2i, i2t
+
+
 @torch.no_grad()
 def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, positive: Tensor,
                           generator: Optional[torch.Generator] = None,
-                          easy_share: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          easy_share: float = 0.0,
+                          positive_i2t: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ITM hard-negative mining (BLIP2_REFERENCE.md Sec. 2): mask the positives, softmax each
     row of the (temperature-scaled) similarities, draw one negative per row with
     torch.multinomial. No gradient.
@@ -81,8 +95,12 @@ def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, positive: Tensor,
     Returns neg_image_for_text (B,), neg_text_for_image (B,) as indices into the gathered
     batch, and valid_text (B,), valid_image (B,): False where a row has no negative at all
     (batch of one, or every other caption is the same); such rows get no negative pair
-    instead of a mislabelled one."""
-    def draw(sim: Tensor) -> tuple[Tensor, Tensor]:
+    instead of a mislabelled one.
+
+    `positive` masks the text rows (sim_t2i: local text i, gathered image j) and, unless
+    `positive_i2t` is given, the image rows too: every relation `positive_pairs` builds is
+    symmetric; one that is not ("text i is true of image j", `true_pairs`) needs both."""
+    def draw(sim: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
         sim = sim.float().masked_fill(positive, float("-inf"))  # (B, W*B)
         allowed = torch.isfinite(sim)  # (B, W*B)
         valid = allowed.any(dim=1)  # (B,)
@@ -94,8 +112,8 @@ def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, positive: Tensor,
             weights = (1 - easy_share) * weights + easy_share * torch.where(valid[:, None], uniform, weights)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1), valid
 
-    neg_image_for_text, valid_text = draw(sim_t2i)
-    neg_text_for_image, valid_image = draw(sim_i2t)
+    neg_image_for_text, valid_text = draw(sim_t2i, positive)
+    neg_text_for_image, valid_image = draw(sim_i2t, positive if positive_i2t is None else positive_i2t)
     return neg_image_for_text, neg_text_for_image, valid_text, valid_image
 
 

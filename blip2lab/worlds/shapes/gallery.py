@@ -40,6 +40,27 @@ class ShapesGallery:
             return self.examples.get(name, "")
         return ""
 
+    def holds(self, key: str, text: str | list) -> Optional[bool]:
+        """Whether the image behind `key` is one `text` describes (`world.describes`: "a red
+        circle" is true of every scene holding one; `text` may come parsed, as describes takes
+        it); None when its content is unknown (an upload)."""
+        kind, _, name = key.partition(":")
+        if kind == "scene":
+            return world.describes(text, self.scenes[int(name)])
+        if kind == "example" and name in self.examples:
+            objects = world.parse_caption(self.examples[name])  # a shipped example's description is its caption
+            return bool(objects) and world.describes(text, world.Scene([world.place_object(
+                shape, color, size, row, column) for size, color, shape, row, column in objects]))
+        return None
+
+    def count_holding(self, text: str) -> int:
+        """How many of the scenes and examples `text` describes (the right answers of a search)."""
+        keys = [f"scene:{i}" for i in range(len(self.scenes))] + [f"example:{n}" for n in self.examples]
+        said = world.parse_objects_partial(text)  # parsed once for every image
+        if not said:
+            return 0
+        return sum(bool(self.holds(k, said)) for k in keys)
+
     def image(self, key: str) -> Optional[Image.Image]:
         """The image behind a scene or example key; None for a key this gallery did not make."""
         kind, _, name = key.partition(":")

@@ -70,6 +70,11 @@ class ShapesPreset:
     stage1_loss_schedule: tuple[str, ...] = ()  # e.g. ("itm@200",): ITC-first warm-up (train.loss_schedule)
     stage1_itm_easy_negatives: float = 0.0  # share of random ITM negatives (train.itm_easy_negatives)
     stage1_siblings: bool = False  # pair every training scene with its objects moved (Stage1Data)
+    # Share of stage-1 texts replaced by a partial description (world.partial_description: some
+    # of the scene's objects, some attributes left out), a positive for its scene and for every
+    # other scene of the batch it is true of (never their ITM negative). 0: whole-scene
+    # paraphrases only (the shipped shapes-stage1), whose ITM reads "a red circle" as a mismatch.
+    stage1_partial_captions: float = 0.0
     stage2_steps: int = 1500
     stage2_batch: int = 32
     stage2_lr: float = 5e-4
@@ -207,22 +212,32 @@ def cache_features(model: Blip2, scenes: list, processor: Blip2Processor, batch:
 
 class Stage1Data(Dataset):
     """(cached image features, caption) pairs; the caption is a paraphrase drawn from
-    (seed, index), so every scene is seen with varied wording.
+    (seed, index), so every scene is seen with varied wording, or with probability
+    `partial` a partial description (`world.partial_description`).
 
     With `siblings=True` the scenes are n originals then their n `world.rearranged`
     siblings, and item i is the pair (original i, sibling i): both land in one batch."""
 
-    def __init__(self, features: torch.Tensor, scenes: list, seed: int = 0, siblings: bool = False):
+    def __init__(self, features: torch.Tensor, scenes: list, seed: int = 0, siblings: bool = False,
+                 partial: float = 0.0):
         if siblings and len(scenes) % 2:
             raise ValueError(f"siblings=True needs originals then siblings, got an odd {len(scenes)} scenes")
-        self.features, self.scenes, self.seed, self.siblings = features, scenes, seed, siblings
+        if not 0.0 <= partial <= 1.0:
+            raise ValueError(f"stage1_partial_captions={partial}; expected a share in [0, 1]")
+        self.features, self.scenes, self.seed, self.siblings, self.partial = features, scenes, seed, siblings, partial
 
     def __len__(self) -> int:
         return len(self.scenes) // 2 if self.siblings else len(self.scenes)
 
     def _example(self, i: int) -> dict:
         rng = random.Random(world.stable_seed("stage1", self.seed, i))
-        return {"image_embeds": self.features[i], "text": world.paraphrases(self.scenes[i], rng), "image_id": i}
+        scene = self.scenes[i]
+        if self.partial and random.Random(world.stable_seed("partial", self.seed, i)).random() < self.partial:
+            text = world.partial_description(scene, rng)
+        else:
+            text = world.paraphrases(scene, rng)
+        example = {"image_embeds": self.features[i], "text": text, "image_id": i}
+        return example | ({"scene": scene} if self.partial else {})  # the collate marks what each text is true of
 
     def __getitem__(self, i: int) -> dict | list[dict]:
         return [self._example(i), self._example(i + len(self))] if self.siblings else self._example(i)
@@ -238,17 +253,27 @@ def stage1_stream(features: torch.Tensor, scenes: list, preset: ShapesPreset, pr
                   seed: int) -> BatchStream:
     """Stage-1 batches of `preset.stage1_batch` examples (with siblings: half as many pairs)."""
     pairs = preset.stage1_siblings
-    return BatchStream(Stage1Data(features, scenes, seed, siblings=pairs),
+    return BatchStream(Stage1Data(features, scenes, seed, siblings=pairs, partial=preset.stage1_partial_captions),
                        preset.stage1_batch // (2 if pairs else 1), stage1_collate(processor), seed=seed)
+
+
+def text_true_of(texts: Sequence[str], scenes: Sequence[world.Scene]) -> torch.Tensor:
+    """(B, B) bool: text i is true of scene j (`world.describes`); the diagonal always."""
+    said = [world.parse_objects_partial(t) for t in texts]
+    out = torch.tensor([[world.describes(objects, s) for s in scenes] for objects in said], dtype=torch.bool)
+    return out | torch.eye(len(texts), dtype=torch.bool)
 
 
 def stage1_collate(processor: Blip2Processor):
     def collate(items: list) -> dict:
         items = [it for item in items for it in (item if isinstance(item, list) else [item])]
         text = processor.qformer_text([it["text"] for it in items])
-        return {"image_embeds": torch.stack([it["image_embeds"] for it in items]).float(),
-                "text_ids": text["text_ids"], "text_mask": text["text_mask"],
-                "image_ids": torch.tensor([it["image_id"] for it in items])}
+        batch = {"image_embeds": torch.stack([it["image_embeds"] for it in items]).float(),
+                 "text_ids": text["text_ids"], "text_mask": text["text_mask"],
+                 "image_ids": torch.tensor([it["image_id"] for it in items])}
+        if "scene" in items[0]:  # partial descriptions: true of other scenes too (Blip2.forward text_true_of)
+            batch["text_true_of"] = text_true_of([it["text"] for it in items], [it["scene"] for it in items])
+        return batch
     return collate
 
 
@@ -325,12 +350,19 @@ def _train_scenes(preset: ShapesPreset, seed: int, stage: int) -> list:
 
 
 def train_stage1(out_dir: str | Path, preset: ShapesPreset, seed: int = 0, backbones: Path = BACKBONES,
-                 progress: bool = True) -> tuple[Blip2Pipeline, dict]:
-    """Stage 1 from the shipped backbones; saves a pipeline folder; returns it and timings."""
+                 progress: bool = True, init: str | Path | None = None) -> tuple[Blip2Pipeline, dict]:
+    """Stage 1 from the shipped backbones; saves a pipeline folder; returns it and timings.
+    `init`: a stage-1 folder of the same shape whose weights start this run instead of the
+    BERT-initialised Q-Former (stage 1 continued, e.g. with `stage1_partial_captions`)."""
     out = Path(out_dir)
     config = shapes_config(None, preset, backbones)
     model = build_model(config, backbones, seed=seed)
-    return _run_stage(out, model, processor_for(config, backbones), 1, preset, seed, progress)
+    if init is not None:
+        from blip2lab.formats.native import read_safetensors
+
+        model.load_state_dict(read_safetensors(Path(init) / "model.safetensors"), strict=True)
+    return _run_stage(out, model, processor_for(config, backbones), 1, preset, seed, progress,
+                      None if init is None else str(init))
 
 
 def train_stage2(out_dir: str | Path, stage1: str | Path | None, kind: LLMKind, preset: ShapesPreset,
@@ -354,7 +386,7 @@ def train_stage2(out_dir: str | Path, stage1: str | Path | None, kind: LLMKind, 
 
 
 def _run_stage(out: Path, model: Blip2, processor: Blip2Processor, stage: int, preset: ShapesPreset, seed: int,
-               progress: bool) -> tuple[Blip2Pipeline, dict]:
+               progress: bool, init: Optional[str] = None) -> tuple[Blip2Pipeline, dict]:
     """Cache the frozen features of the training scenes, train, save a pipeline folder."""
     scenes = _train_scenes(preset, seed, stage)
     with Timer() as t_cache:
@@ -372,6 +404,7 @@ def _run_stage(out: Path, model: Blip2, processor: Blip2Processor, stage: int, p
     pipe = Blip2Pipeline(model.eval(), processor, name=out.name)
     pipe.save(out)
     resolved = {"preset": asdict(preset), "seed": seed, "stage": stage, "train": to_dict(cfg)}
+    resolved |= {} if init is None else {"init": init}
     (out / "recipe.json").write_text(json.dumps(resolved, indent=2) + "\n")  # what trained this folder, resolved
     timing = {"cache_features_s": t_cache.seconds, f"stage{stage}_train_s": t_train.seconds, "steps": cfg.max_steps,
               "precision": cfg.mixed_precision, "threads": torch.get_num_threads()}
@@ -415,18 +448,49 @@ def eval_vqa(pipe: Blip2Pipeline, scenes: list, batch: int = 64, **decoding) -> 
     return vqa_accuracy(preds, refs, types) | chance | {"questions": len(items)}
 
 
-def eval_retrieval(pipe: Blip2Pipeline, scenes: list, k_test: int) -> dict:
-    """Recall@1/5/10 both ways over a gallery with distinct captions, ITC only and ITM re-ranked."""
-    from blip2lab.evaluate import retrieval_eval
-
+def _gallery_tokens(pipe: Blip2Pipeline, scenes: list) -> torch.Tensor:
+    """The scorer's ln_vision output for every scene: (n, N, D_v)."""
     model, _ = pipe.scorer()  # a linked stage-1 model first: a stage-2 Q-Former has left its heads behind
     images = pipe.processor.images(_images(scenes))
     with torch.no_grad():
-        embeds = torch.cat([model.encode_image(images[i:i + 256]) for i in range(0, len(scenes), 256)])
+        return torch.cat([model.encode_image(images[i:i + 256]) for i in range(0, len(scenes), 256)])
+
+
+def eval_retrieval(pipe: Blip2Pipeline, scenes: list, k_test: int, embeds: Optional[torch.Tensor] = None) -> dict:
+    """Recall@1/5/10 both ways over a gallery with distinct captions, ITC only and ITM re-ranked.
+    `embeds`: the scenes' `_gallery_tokens`, when already computed."""
+    from blip2lab.evaluate import retrieval_eval
+
+    model, _ = pipe.scorer()
+    embeds = _gallery_tokens(pipe, scenes) if embeds is None else embeds
     text = pipe.processor.qformer_text([world.caption(s) for s in scenes])
     n = len(scenes)
     return retrieval_eval(model, embeds, text["text_ids"], text["text_mask"], list(range(n)),
                           [[i] for i in range(n)], k_test=k_test)
+
+
+def eval_object_queries(pipe: Blip2Pipeline, scenes: list, k_test: int, ks: Sequence[int] = (1, 5, 10),
+                        embeds: Optional[torch.Tensor] = None) -> dict:
+    """Text -> image retrieval of one-object queries (`world.object_queries`: "a red circle",
+    "a small red circle", "a small red circle on the top left") over `scenes`, each scene that
+    holds such an object a right answer (`world.describes`); queries no scene answers are left
+    out. ITC alone and ITM re-ranked (the top k_test), overall and per level of detail."""
+    from blip2lab.evaluate import recall_any_at_k, retrieval_scores
+
+    queries = [q for q in world.object_queries() if any(world.describes(q, s) for s in scenes)]
+    positive = torch.tensor([[world.describes(q, s) for s in scenes] for q in queries])  # (N_q, N_img)
+    model, _ = pipe.scorer()
+    embeds = _gallery_tokens(pipe, scenes) if embeds is None else embeds
+    text = pipe.processor.qformer_text(queries)
+    s = retrieval_scores(model, embeds, text["text_ids"], text["text_mask"], k_test=k_test)
+    levels = {"color shape": 3, "size color shape": 4, "size color shape place": 8}  # words per query
+    out: dict = {"queries": len(queries), "mean_right_images": positive.sum(1).float().mean().item()}
+    for name, scores in (("itc", s["itc_t2i"]), ("itm", s["itm_t2i"])):
+        out |= {f"{name}/{k}": v for k, v in recall_any_at_k(scores, positive, ks).items()}
+        for level, words in levels.items():
+            rows = torch.tensor([len(q.split()) == words for q in queries])
+            out |= {f"{name}/{level}/{k}": v for k, v in recall_any_at_k(scores[rows], positive[rows], ks).items()}
+    return out
 
 
 def evaluate(pipe: Blip2Pipeline, preset: ShapesPreset, seed: int = 0, tasks=("caption", "vqa", "retrieval"),
@@ -444,8 +508,10 @@ def evaluate(pipe: Blip2Pipeline, preset: ShapesPreset, seed: int = 0, tasks=("c
             results["vqa/seen"] = eval_vqa(pipe, seen, **decoding)
             results["vqa/novel"] = eval_vqa(pipe, novel, **decoding)
         if "retrieval" in tasks and (pipe.model.has_stage1_heads or pipe.retrieval is not None):
-            results["retrieval"] = eval_retrieval(pipe, world.make_gallery("test", preset.gallery, seed),
-                                                  preset.k_test)
+            gallery = world.make_gallery("test", preset.gallery, seed)
+            embeds = _gallery_tokens(pipe, gallery)
+            results["retrieval"] = eval_retrieval(pipe, gallery, preset.k_test, embeds)
+            results["object_queries"] = eval_object_queries(pipe, gallery, preset.k_test, embeds=embeds)
     results["eval_s"] = t.seconds
     return results
 

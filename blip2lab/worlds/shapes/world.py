@@ -34,6 +34,7 @@ colour-shape pairs.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -50,7 +51,8 @@ __all__ = [
     "SIZE_PX", "JITTER_PX", "VOCABULARY", "PUNCTUATION", "QUESTION_TYPES",
     "ShapeObject", "Scene", "stable_seed", "place_object", "sample_scene", "render", "render_batch",
     "caption", "paraphrases", "PARAPHRASE_TEMPLATES", "parse_caption", "parse_objects_partial",
-    "caption_f1", "questions", "iter_split", "make_split", "distinct_caption_scenes",
+    "caption_f1", "partial_description", "describes", "held_out_mentions", "object_queries", "questions",
+    "iter_split", "make_split", "distinct_caption_scenes",
     "make_gallery", "retrieval_gallery", "CaptionDataset", "VQADataset",
 ]
 
@@ -417,6 +419,72 @@ def caption_f1(text: str, scene: Scene) -> dict[str, float]:
     recall = hits / len(truth) if truth else 0.0
     f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+# -- partial descriptions -----------------------------------------------------------------
+# A description that leaves things out ("a red circle", "a small shape on the top left") is
+# true of every scene holding such objects. Stage 1 may train on them (ShapesPreset.
+# stage1_partial_captions) so that retrieval finds a scene by any one of its objects.
+
+PARTIAL_KEEP = {"size": 0.5, "color": 0.7, "shape": 0.8, "place": 0.4}  # chance each attribute is said
+
+
+def _partial_phrase(o: ShapeObject, rng: random.Random) -> str:
+    """One object with some attributes left out (at least one said); an unsaid shape reads "shape"."""
+    while True:
+        keep = {k: rng.random() < p for k, p in PARTIAL_KEEP.items()}
+        place = rng.choice(("row column", "row", "column")) if keep["place"] else ""
+        if any(keep.values()):
+            break
+    words = ["a", o.size if keep["size"] else "", o.color if keep["color"] else "",
+             o.shape if keep["shape"] else "shape"]
+    where = {"row column": f"{o.row} {o.column}", "row": o.row, "column": o.column, "": ""}[place]
+    return " ".join(w for w in words if w) + (f" on the {where}" if where else "")
+
+
+def partial_description(scene: Scene, rng: Union[random.Random, np.random.Generator, int, None] = None) -> str:
+    """A description of a random non-empty subset of the scene's objects (reading order), each
+    with some of its attributes left out (PARTIAL_KEEP), e.g. "a red circle and a small shape
+    on the bottom". True of `scene` (`describes`) and of any scene holding such objects."""
+    rng = _as_random(rng)
+    objs = scene.ordered
+    chosen = sorted(rng.sample(range(len(objs)), rng.randint(1, len(objs))))
+    return " and ".join(_partial_phrase(objs[i], rng) for i in chosen)
+
+
+def _agrees(said: dict[str, Optional[str]], o: ShapeObject) -> bool:
+    return all(v is None or getattr(o, k) == v for k, v in said.items())
+
+
+def describes(text: Union[str, list[dict[str, Optional[str]]]], scene: Scene) -> bool:
+    """Whether every object `text` mentions (parse_objects_partial; or its result, to parse a
+    text once for many scenes) is a distinct object of `scene` agreeing with every attribute
+    said about it. A full caption is true of its scene only; "a red circle" of every scene
+    holding a red circle; a text naming nothing, of none."""
+    said = parse_objects_partial(text) if isinstance(text, str) else text
+    if not said or len(said) > len(scene.objects):
+        return False
+    return any(all(_agrees(s, o) for s, o in zip(said, perm))
+               for perm in itertools.permutations(scene.objects, len(said)))
+
+
+def held_out_mentions(text: str) -> list[tuple[str, str]]:
+    """The held-out (color, shape) pairs `text` names ("is there a purple triangle?" ->
+    [("purple", "triangle")]), which no training scene, caption or question ever held."""
+    pairs = [(o["color"], o["shape"]) for o in parse_objects_partial(text)]
+    return list(dict.fromkeys(p for p in pairs if p in HELD_OUT))
+
+
+def object_queries(allow_held_out: bool = False) -> list[str]:
+    """One-object queries at three levels of detail: "a red circle", "a small red circle",
+    "a small red circle on the top left", for every (seen) colour-shape pair."""
+    out = []
+    for color, shape in _combos(allow_held_out):
+        out.append(f"a {color} {shape}")
+        out += [f"a {size} {color} {shape}" for size in SIZES]
+        out += [f"a {size} {color} {shape} on the {row} {column}"
+                for size in SIZES for row in ROWS for column in COLUMNS]
+    return out
 
 
 # -- questions ----------------------------------------------------------------------------
